@@ -1,0 +1,1 @@
+"""Experiment configs: plain `get_config()` files returning an `ml_collections.ConfigDict`."""

@@ -1,0 +1,189 @@
+"""ResNet-18/34/50/101 backbone in the torchvision layout (v1.5) with frozen BatchNorm.
+
+Layout follows torchvision so that reference weights map one to one: a 7x7/2 stem conv with
+symmetric padding 3, a 3x3/2 max-pool with padding 1, four stages (`layer1`..`layer4`) of
+basic or bottleneck blocks whose stride sits in the 3x3 conv (v1.5). Every BatchNorm is frozen
+(statistics and affine parameters live in the `batch_stats` collection and never train).
+Only layer4's output is returned: stride 32, or stride 16 with the DC5 dilation.
+
+Parameter names: `conv1`, `layer{i}_{j}/{conv1,conv2,conv3,downsample_conv}`; frozen BatchNorm
+variables `bn1`, `layer{i}_{j}/{bn1,bn2,bn3,downsample_bn}` with `scale, bias, mean, var`.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# (block kind, blocks per stage) for each depth.
+RESNET_SPECS = {
+  "resnet18": ("basic", (2, 2, 2, 2)),
+  "resnet34": ("basic", (3, 4, 6, 3)),
+  "resnet50": ("bottleneck", (3, 4, 6, 3)),
+  "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+BN_EPS = 1e-5
+
+# torchvision initializes convolutions with kaiming_normal(fan_out, relu).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def output_channels(backbone):
+  """Channels of layer4's output for a backbone name."""
+  kind, _ = RESNET_SPECS[backbone]
+  return 2048 if kind == "bottleneck" else 512
+
+
+def output_stride(dilation):
+  """Stride of the returned feature map: 32, or 16 for DC5."""
+  return 16 if dilation else 32
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine parameters: `x * scale' + shift'`.
+
+  `scale' = scale * rsqrt(var + 1e-5)`, `shift' = bias - mean * scale'`, exactly as the
+  reference's FrozenBatchNorm2d. x: [..., C].
+  """
+
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.variable("batch_stats", "scale", jnp.ones, (c,), jnp.float32).value
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (c,), jnp.float32).value
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32).value
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32).value
+    scale = scale * jax.lax.rsqrt(var + BN_EPS)
+    shift = bias - mean * scale
+    return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
+  """Bias-free conv with torchvision's symmetric padding `dilation * (kernel // 2)`."""
+  pad = dilation * (kernel // 2)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    kernel_dilation=(dilation, dilation),
+    use_bias=False,
+    kernel_init=_conv_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )
+
+
+class BasicBlock(nn.Module):
+  """ResNet-18/34 block: 3x3 conv (stride) -> 3x3 conv, identity or 1x1 projection shortcut."""
+
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: jnp.dtype = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = _conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    if self.downsample:
+      x = _conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+      x = FrozenBatchNorm(self.dtype, name="downsample_bn")(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """ResNet-50/101 block (v1.5): 1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels)."""
+
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  dtype: jnp.dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    y = _conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, name="conv2")(y)
+    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = _conv(self.features * 4, 1, dtype=self.dtype, name="conv3")(y)
+    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    if self.downsample:
+      x = _conv(self.features * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+      x = FrozenBatchNorm(self.dtype, name="downsample_bn")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet trunk returning layer4 features.
+
+  Attributes:
+    depth: one of RESNET_SPECS ("resnet50", ...).
+    dilation: DC5 -- layer4 uses dilation 2 instead of stride 2 (output stride 16).
+    trainable: names from STAGES that receive gradients. Gradients are stopped after the
+      last stage of a frozen prefix (stem, layer1 in the reference), so no backward pass
+      runs through it.
+    dtype: compute dtype.
+  """
+
+  depth: str = "resnet50"
+  dilation: bool = False
+  trainable: Sequence[str] = ("layer2", "layer3", "layer4")
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, H, W, 3] normalized images -> [B, H/32, W/32, C] (H/16 for DC5)."""
+    if self.depth not in RESNET_SPECS:
+      raise ValueError(f"Unknown backbone {self.depth!r}; choose from {sorted(RESNET_SPECS)}")
+    unknown = set(self.trainable) - set(STAGES)
+    if unknown:
+      raise ValueError(f"Unknown backbone stages {sorted(unknown)}; choose from {STAGES}")
+    kind, blocks = RESNET_SPECS[self.depth]
+    block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
+    if self.dilation and block_cls is BasicBlock:
+      raise ValueError(f"DC5 dilation needs a bottleneck ResNet, not {self.depth}")
+    frozen_prefix = True
+
+    def maybe_stop(stage, y):
+      nonlocal frozen_prefix
+      frozen_prefix = frozen_prefix and stage not in self.trainable
+      return jax.lax.stop_gradient(y) if frozen_prefix else y
+
+    x = x.astype(self.dtype)
+    x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
+    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = maybe_stop("stem", x)
+    in_features = 64
+    dilation = 1
+    for i, (num_blocks, features) in enumerate(zip(blocks, (64, 128, 256, 512))):
+      stride = 1 if i == 0 else 2
+      prev_dilation = dilation
+      if i == 3 and self.dilation:
+        dilation *= stride
+        stride = 1
+      for j in range(num_blocks):
+        downsample = j == 0 and (stride != 1 or in_features != features * block_cls.expansion)
+        x = block_cls(
+          features,
+          stride=stride if j == 0 else 1,
+          dilation=prev_dilation if j == 0 else dilation,
+          downsample=downsample,
+          dtype=self.dtype,
+          name=f"layer{i + 1}_{j}",
+        )(x)
+        in_features = features * block_cls.expansion
+      x = maybe_stop(f"layer{i + 1}", x)
+    return x

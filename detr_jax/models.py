@@ -1,0 +1,184 @@
+"""The DETR model: backbone -> input projection -> transformer -> class and box heads."""
+
+from collections.abc import Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detr_jax import backbone as backbone_lib
+from detr_jax import position, transformer
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _torch_linear_init(fan_in):
+  """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class BoxHead(nn.Module):
+  """The 3-layer box MLP (D -> D -> D -> 4, ReLU between) with sigmoid: [..., D] -> [..., 4]."""
+
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    for i, n in enumerate((d, d, 4)):
+      init = _torch_linear_init(d)
+      x = nn.Dense(
+        n,
+        kernel_init=init,
+        bias_init=init,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=f"layers_{i}",
+      )(x)
+      if i < 2:
+        x = nn.relu(x)
+    return jax.nn.sigmoid(x.astype(jnp.float32))
+
+
+class DETR(nn.Module):
+  """DETR. Attributes mirror the `config.model` fields (see configs/base.py)."""
+
+  num_classes: int = 91
+  num_queries: int = 100
+  hidden_dim: int = 256
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dim_feedforward: int = 2048
+  dropout: float = 0.1
+  pre_norm: bool = False
+  backbone: str = "resnet50"
+  dilation: bool = False
+  backbone_trainable: Sequence[str] = ("layer2", "layer3", "layer4")
+  attention: str = "xla"
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    """Detects objects.
+
+    Args:
+      images: [B, H, W, 3] float32, ImageNet-normalized; H and W divisible by the stride.
+      train: enables dropout (needs a `dropout` rng).
+
+    Returns:
+      dict with `pred_logits` [B, Q, K+1] (last = no object), `pred_boxes` [B, Q, 4]
+      (normalized cxcywh), `aux_outputs`: list of such dicts for decoder layers 0..L-2.
+      Logits and boxes are float32 whatever the compute dtype.
+    """
+    feats = backbone_lib.ResNet(
+      self.backbone, self.dilation, tuple(self.backbone_trainable), self.dtype, name="backbone"
+    )(images)
+    in_ch = feats.shape[-1]
+    init = _torch_linear_init(in_ch)
+    x = nn.Conv(
+      self.hidden_dim,
+      (1, 1),
+      kernel_init=init,
+      bias_init=init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="input_proj",
+    )(feats)
+    b, h, w, d = x.shape
+    pos = jnp.asarray(position.sine_position_embedding(h, w, d // 2))
+    query_embed = self.param(
+      "query_embed", nn.initializers.normal(1.0), (self.num_queries, d), jnp.float32
+    )
+    hs = transformer.Transformer(
+      num_heads=self.num_heads,
+      num_encoder_layers=self.num_encoder_layers,
+      num_decoder_layers=self.num_decoder_layers,
+      dim_feedforward=self.dim_feedforward,
+      dropout=self.dropout,
+      pre_norm=self.pre_norm,
+      attention=self.attention,
+      remat=self.remat,
+      dtype=self.dtype,
+      name="transformer",
+    )(x.reshape(b, h * w, d), pos, query_embed, deterministic=not train)
+    init = _torch_linear_init(d)
+    logits = nn.Dense(
+      self.num_classes + 1,
+      kernel_init=init,
+      bias_init=init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="class_embed",
+    )(hs).astype(jnp.float32)
+    boxes = BoxHead(self.dtype, name="bbox_embed")(hs)
+    return {
+      "pred_logits": logits[-1],
+      "pred_boxes": boxes[-1],
+      "aux_outputs": [
+        {"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)
+      ],
+    }
+
+
+def build_model(model_config):
+  """DETR module from a `config.model` ConfigDict (the one place these fields are read)."""
+  c = model_config
+  if c.dtype not in _DTYPES:
+    raise ValueError(f"config.model.dtype={c.dtype!r}; choose from {sorted(_DTYPES)}")
+  if c.hidden_dim % c.num_heads:
+    raise ValueError(f"config.model.hidden_dim={c.hidden_dim} not divisible by num_heads")
+  if c.hidden_dim % 4:
+    raise ValueError(f"config.model.hidden_dim={c.hidden_dim} must be divisible by 4")
+  return DETR(
+    num_classes=c.num_classes,
+    num_queries=c.num_queries,
+    hidden_dim=c.hidden_dim,
+    num_heads=c.num_heads,
+    num_encoder_layers=c.num_encoder_layers,
+    num_decoder_layers=c.num_decoder_layers,
+    dim_feedforward=c.dim_feedforward,
+    dropout=c.dropout,
+    pre_norm=c.pre_norm,
+    backbone=c.backbone,
+    dilation=c.dilation,
+    backbone_trainable=tuple(c.backbone_trainable),
+    attention=c.attention,
+    remat=c.remat,
+    dtype=_DTYPES[c.dtype],
+  )
+
+
+def init_variables(model, rng, image_size, batch_size=1):
+  """Variables `{"params", "batch_stats"}` for images of `image_size` (H, W)."""
+  images = jnp.zeros((batch_size, *image_size, 3), jnp.float32)
+  variables = model.init(rng, images, train=False)
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def _backbone_stage(name):
+  """Backbone parameter group name -> stage ("conv1" -> "stem", "layer3_2" -> "layer3")."""
+  return "stem" if name == "conv1" else name.split("_")[0]
+
+
+def trainable_mask(params, backbone_trainable):
+  """Pytree of bools like `params`: False for backbone stages not in `backbone_trainable`."""
+  flat = flax.traverse_util.flatten_dict(params)
+  mask = {}
+  for path in flat:
+    if path[0] == "backbone":
+      mask[path] = _backbone_stage(path[1]) in backbone_trainable
+    else:
+      mask[path] = True
+  return flax.traverse_util.unflatten_dict(mask)
+
+
+def count_params(params, mask=None):
+  """Number of parameter values, or of those where `mask` is True."""
+  leaves = jax.tree.leaves(params)
+  if mask is None:
+    return sum(x.size for x in leaves)
+  return sum(x.size for x, m in zip(leaves, jax.tree.leaves(mask)) if m)

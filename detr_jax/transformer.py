@@ -1,0 +1,220 @@
+"""DETR's transformer encoder and decoder, written from scratch in Flax linen.
+
+Layer order, position handling and LayerNorm epsilon follow the reference exactly:
+positions are added to queries and keys (never values) at every layer, the decoder starts
+from zeros with the learned query embedding as its query position, and one shared final
+LayerNorm normalizes every decoder layer's output. Post-norm by default, pre-norm optional.
+
+Parameter names follow the reference state dict (`self_attn`, `multihead_attn`, `linear1`,
+`linear2`, `norm1..3`) so that weight import is a rename.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-5
+
+# Reference init: xavier-uniform on every matrix, q/k/v packed as one [3d, d] matrix.
+_xavier = nn.initializers.xavier_uniform()
+_xavier_packed_qkv = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+
+
+def _torch_bias_init(fan_in):
+  """PyTorch's default Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _layer_norm(dtype, name):
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with separate q/k/v inputs, like torch's nn.MultiheadAttention.
+
+  Attention probabilities (averaged over heads) are sown into the `intermediates`
+  collection as `attention_weights` [B, Lq, Lk] for visualization.
+
+  Attributes:
+    num_heads: heads; d_model must be divisible by it.
+    dropout: dropout rate on the attention probabilities.
+    implementation: "xla" (explicit einsum softmax, supports dropout) or "cudnn"
+      (`jax.nn.dot_product_attention` flash kernel; no attention-probability dropout).
+  """
+
+  num_heads: int
+  dropout: float = 0.0
+  implementation: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, key, value, deterministic=True):
+    """query [B, Lq, D], key [B, Lk, D], value [B, Lk, D] -> [B, Lq, D]."""
+    d = query.shape[-1]
+    head_dim = d // self.num_heads
+
+    def proj(x, name, kernel_init):
+      y = nn.Dense(
+        d,
+        kernel_init=kernel_init,
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=name,
+      )(x)
+      return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
+
+    q = proj(query, "q_proj", _xavier_packed_qkv)
+    k = proj(key, "k_proj", _xavier_packed_qkv)
+    v = proj(value, "v_proj", _xavier_packed_qkv)
+    if self.implementation == "cudnn" and (deterministic or self.dropout == 0.0):
+      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    elif self.implementation in ("xla", "cudnn"):
+      q = q * jnp.asarray(head_dim**-0.5, q.dtype)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1)
+      self.sow("intermediates", "attention_weights", probs.mean(axis=1))
+      if not deterministic and self.dropout > 0:
+        probs = nn.Dropout(self.dropout)(probs, deterministic=False)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    else:
+      raise ValueError(f"Unknown attention implementation {self.implementation!r}")
+    out = out.reshape(*out.shape[:-2], d)
+    return nn.Dense(
+      d,
+      kernel_init=_xavier,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="out_proj",
+    )(out)
+
+
+class FeedForward(nn.Module):
+  """linear1 -> ReLU -> dropout -> linear2: [..., D] -> [..., D]."""
+
+  dim_feedforward: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    d = x.shape[-1]
+    dense = lambda n, fan_in, name: nn.Dense(
+      n,
+      kernel_init=_xavier,
+      bias_init=_torch_bias_init(fan_in),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name=name,
+    )
+    y = nn.relu(dense(self.dim_feedforward, d, "linear1")(x))
+    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    return dense(d, self.dim_feedforward, "linear2")(y)
+
+
+class EncoderLayer(nn.Module):
+  """Self-attention (q = k = x + pos, v = x) then FFN, each with residual and LayerNorm."""
+
+  num_heads: int
+  dim_feedforward: int
+  dropout: float = 0.0
+  pre_norm: bool = False
+  attention: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, pos, deterministic=True):
+    """x: [B, N, D] tokens, pos: [N, D] position embedding -> [B, N, D]."""
+    attn = Attention(self.num_heads, self.dropout, self.attention, self.dtype, name="self_attn")
+    ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="linear")
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    norm1 = _layer_norm(self.dtype, "norm1")
+    norm2 = _layer_norm(self.dtype, "norm2")
+    if self.pre_norm:
+      y = norm1(x)
+      x = x + drop(attn(y + pos, y + pos, y, deterministic))
+      return x + drop(ffn(norm2(x), deterministic))
+    x = norm1(x + drop(attn(x + pos, x + pos, x, deterministic)))
+    return norm2(x + drop(ffn(x, deterministic)))
+
+
+class DecoderLayer(nn.Module):
+  """Self-attention over queries, cross-attention to memory, FFN; positions re-added each layer."""
+
+  num_heads: int
+  dim_feedforward: int
+  dropout: float = 0.0
+  pre_norm: bool = False
+  attention: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t, memory, pos, query_pos, deterministic=True):
+    """t: [B, Q, D], memory: [B, N, D], pos: [N, D], query_pos: [Q, D] -> [B, Q, D]."""
+    mk_attn = lambda name: Attention(
+      self.num_heads, self.dropout, self.attention, self.dtype, name=name
+    )
+    self_attn, cross_attn = mk_attn("self_attn"), mk_attn("multihead_attn")
+    ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="linear")
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    norm1, norm2, norm3 = (_layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
+    k_mem = memory + pos
+    if self.pre_norm:
+      y = norm1(t)
+      t = t + drop(self_attn(y + query_pos, y + query_pos, y, deterministic))
+      y = norm2(t)
+      t = t + drop(cross_attn(y + query_pos, k_mem, memory, deterministic))
+      return t + drop(ffn(norm3(t), deterministic))
+    t = norm1(t + drop(self_attn(t + query_pos, t + query_pos, t, deterministic)))
+    t = norm2(t + drop(cross_attn(t + query_pos, k_mem, memory, deterministic)))
+    return norm3(t + drop(ffn(t, deterministic)))
+
+
+class Transformer(nn.Module):
+  """Encoder over image tokens, decoder over object queries.
+
+  Returns the output of every decoder layer after the shared final LayerNorm.
+  """
+
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dim_feedforward: int = 2048
+  dropout: float = 0.1
+  pre_norm: bool = False
+  attention: str = "xla"
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, src, pos, query_embed, deterministic=True):
+    """src: [B, N, D] projected features, pos: [N, D], query_embed: [Q, D] -> [L, B, Q, D]."""
+    kw = dict(
+      num_heads=self.num_heads,
+      dim_feedforward=self.dim_feedforward,
+      dropout=self.dropout,
+      pre_norm=self.pre_norm,
+      attention=self.attention,
+      dtype=self.dtype,
+    )
+    enc_cls, dec_cls = EncoderLayer, DecoderLayer
+    if self.remat:
+      enc_cls = nn.remat(EncoderLayer, static_argnums=(3,))
+      dec_cls = nn.remat(DecoderLayer, static_argnums=(5,))
+    pos = pos.astype(self.dtype)
+    query_pos = query_embed.astype(self.dtype)
+    x = src.astype(self.dtype)
+    for i in range(self.num_encoder_layers):
+      x = enc_cls(**kw, name=f"encoder_layer{i}")(x, pos, deterministic)
+    if self.pre_norm:
+      x = _layer_norm(self.dtype, "encoder_norm")(x)
+    memory = x
+    t = jnp.zeros((src.shape[0],) + query_embed.shape, self.dtype)
+    decoder_norm = _layer_norm(self.dtype, "decoder_norm")
+    outputs = []
+    for i in range(self.num_decoder_layers):
+      t = dec_cls(**kw, name=f"decoder_layer{i}")(t, memory, pos, query_pos, deterministic)
+      outputs.append(decoder_norm(t))
+    return jnp.stack(outputs)

@@ -1,0 +1,151 @@
+"""The `transformers` package's PyTorch DETR (random init, nothing downloaded) as an oracle.
+
+`build_hf_detr` builds DETR-R50 with the transformers-native ResNet backbone; `reference_state_dict`
+exports its weights under the reference DETR key names (q/k/v packed into `in_proj_*`), the
+layout `detr_jax.convert.torch_to_flax` imports.
+"""
+
+import re
+
+import numpy as np
+import torch
+
+_SUBS = [
+  (r"^model\.backbone\.model\.embedder\.embedder\.convolution\.", "backbone.0.body.conv1."),
+  (r"^model\.backbone\.model\.embedder\.embedder\.normalization\.", "backbone.0.body.bn1."),
+  (r"^model\.input_projection\.", "input_proj."),
+  (r"^model\.query_position_embeddings\.", "query_embed."),
+  (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+  (r"^class_labels_classifier\.", "class_embed."),
+  (r"^bbox_predictor\.", "bbox_embed."),
+]
+_LAYER_SUBS = {
+  "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+  "decoder": {
+    "self_attn_layer_norm": "norm1",
+    "encoder_attn_layer_norm": "norm2",
+    "final_layer_norm": "norm3",
+    "encoder_attn": "multihead_attn",
+  },
+}
+
+
+# A small DETR: ResNet-18 layout, d_model 64, 1 encoder and 2 decoder layers, 10 queries.
+SMALL = dict(
+  d_model=64,
+  encoder_layers=1,
+  decoder_layers=2,
+  encoder_attention_heads=4,
+  decoder_attention_heads=4,
+  encoder_ffn_dim=128,
+  decoder_ffn_dim=128,
+  num_queries=10,
+)
+
+
+def build_hf_detr(num_labels=91, seed=0, small=False):
+  """A random-init transformers DetrForObjectDetection (eval mode, no aux loss).
+
+  R50 with the reference sizes, or with `small` a ResNet-18 trunk and the SMALL sizes.
+  """
+  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+  torch.manual_seed(seed)
+  backbone = ResNetConfig(out_features=["stage4"])
+  if small:
+    backbone = ResNetConfig(
+      out_features=["stage4"],
+      layer_type="basic",
+      depths=[2, 2, 2, 2],
+      hidden_sizes=[64, 128, 256, 512],
+    )
+  cfg = DetrConfig(
+    use_timm_backbone=False,
+    use_pretrained_backbone=False,
+    backbone_config=backbone,
+    num_labels=num_labels,
+    auxiliary_loss=False,
+    **(SMALL if small else {}),
+  )
+  model = DetrForObjectDetection(cfg).eval()
+  # Frozen BatchNorm buffers start as identity; make them random (but tame) so that they
+  # are really tested.
+  g = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, buf in model.named_buffers():
+      n = buf.numel()
+      if name.endswith("running_var"):
+        buf.copy_(0.5 + torch.rand(n, generator=g))
+      elif name.endswith("running_mean"):
+        buf.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+      elif name.endswith("normalization.weight"):
+        buf.copy_(0.2 + 0.6 * torch.rand(n, generator=g))
+      elif name.endswith("normalization.bias"):
+        buf.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+  return model
+
+
+def _rename(key):
+  m = re.match(r"^model\.backbone\.model\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)$", key)
+  if m:
+    stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+    rest = re.sub(r"^shortcut\.convolution\.", "downsample.0.", rest)
+    rest = re.sub(r"^shortcut\.normalization\.", "downsample.1.", rest)
+    rest = re.sub(r"^layer\.(\d+)\.convolution\.", lambda k: f"conv{int(k.group(1)) + 1}.", rest)
+    rest = re.sub(r"^layer\.(\d+)\.normalization\.", lambda k: f"bn{int(k.group(1)) + 1}.", rest)
+    return f"backbone.0.body.layer{stage + 1}.{block}.{rest}"
+  m = re.match(r"^model\.(encoder|decoder)\.layers\.(\d+)\.(.*)$", key)
+  if m:
+    kind, i, rest = m.groups()
+    for old, new in _LAYER_SUBS[kind].items():
+      rest = re.sub(rf"^{old}\.", f"{new}.", rest)
+    rest = rest.replace("mlp.fc1.", "linear1.").replace("mlp.fc2.", "linear2.")
+    rest = rest.replace("o_proj.", "out_proj.")
+    return f"transformer.{kind}.layers.{i}.{rest}"
+  for pattern, repl in _SUBS:
+    if re.match(pattern, key):
+      return re.sub(pattern, repl, key)
+  raise KeyError(key)
+
+
+def reference_state_dict(model):
+  """HF DETR weights under the reference DETR key names, as float32 NumPy arrays."""
+  sd = {_rename(k): v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+  out = {}
+  for k, v in sd.items():
+    m = re.match(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$", k)
+    if not m:
+      out[k] = v
+      continue
+    base, which, kind = m.groups()
+    if which != "q":
+      continue
+    parts = [sd[f"{base}.{w}_proj.{kind}"] for w in "qkv"]
+    out[f"{base}.in_proj_{kind}"] = np.concatenate(parts, axis=0)
+  return out
+
+
+def small_model_config(num_labels):
+  """Our `config.model` matching `build_hf_detr(small=True)`."""
+  from configs import base
+
+  c = base.get_model_config()
+  c.backbone = "resnet18"
+  c.num_classes = num_labels
+  c.hidden_dim, c.num_heads, c.dim_feedforward = SMALL["d_model"], 4, SMALL["encoder_ffn_dim"]
+  c.num_encoder_layers, c.num_decoder_layers = SMALL["encoder_layers"], SMALL["decoder_layers"]
+  c.num_queries = SMALL["num_queries"]
+  return c
+
+
+def hf_outputs(model, images_nhwc):
+  """Logits and boxes of every decoder layer: ([L, B, Q, K+1], [L, B, Q, 4]) NumPy."""
+  x = torch.from_numpy(np.transpose(images_nhwc, (0, 3, 1, 2)).copy())
+  with torch.no_grad():
+    out = model(pixel_values=x, output_hidden_states=True)
+    hidden = out.decoder_hidden_states[1:]  # outputs of layers 0..L-1, before the norm
+    norm = model.model.decoder.layernorm
+    logits = torch.stack([model.class_labels_classifier(norm(h)) for h in hidden])
+    boxes = torch.stack([model.bbox_predictor(norm(h)).sigmoid() for h in hidden])
+    np.testing.assert_allclose(logits[-1].numpy(), out.logits.numpy(), atol=1e-5)
+  return logits.numpy(), boxes.numpy()
