@@ -1,0 +1,179 @@
+"""Evaluation: detections over a whole split, COCO metrics through pycocotools.
+
+Each host runs the model on its own shard of the eval split; detections are gathered so
+that every image is counted exactly once (batch padding is masked out), and process 0
+computes the metrics.
+"""
+
+import ast
+import contextlib
+import io
+import json
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import input_pipeline
+from detr_jax import checkpoint, models, postprocess, sharding, visualize
+
+COCO_METRIC_NAMES = (
+  "AP",
+  "AP50",
+  "AP75",
+  "APs",
+  "APm",
+  "APl",
+  "AR1",
+  "AR10",
+  "AR100",
+  "ARs",
+  "ARm",
+  "ARl",
+)
+
+
+def coco_metrics(coco_gt, results):
+  """The 12 COCOeval bbox numbers (dict by COCO_METRIC_NAMES) and pycocotools' printed table.
+
+  Args:
+    coco_gt: COCO-format ground-truth dict; results: COCO results list.
+  """
+  gt = COCO()
+  gt.dataset = coco_gt
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt.createIndex()
+  if not results:
+    return {name: 0.0 for name in COCO_METRIC_NAMES}, "no detections"
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    dt = gt.loadRes(results)
+    ev = COCOeval(gt, dt, "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+  table = "\n".join(line for line in out.getvalue().splitlines() if "Average" in line)
+  return {name: float(v) for name, v in zip(COCO_METRIC_NAMES, ev.stats)}, table
+
+
+def make_predict_fn(model):
+  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> postprocessed detections."""
+
+  @jax.jit
+  def predict(variables, images, orig_sizes):
+    out = model.apply(variables, images, train=False)
+    return postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
+
+  return predict
+
+
+def _to_host(tree):
+  """Global arrays -> full NumPy arrays on every host."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0):
+  """Runs the model over the eval split and scores it.
+
+  Returns:
+    (metrics dict: COCO_METRIC_NAMES plus `num_images`; COCO results list; list of up to
+    `num_images_to_draw` uint8 images with the detections drawn at the model's resolution;
+    pycocotools' printed table).
+  """
+  results, drawings = [], []
+  num_images = 0
+  image_size = tuple(config.image_size)
+  for batch in input_pipeline.create_eval_iterator(
+    config.data, image_size=image_size, global_batch_size=config.eval_batch_size
+  ):
+    gb = sharding.global_batch(
+      {k: batch[k] for k in ("image", "orig_size", "image_id", "mask")}, mesh
+    )
+    det = predict_fn(variables, gb["image"], gb["orig_size"])
+    det, ids, mask, sizes = _to_host((det, gb["image_id"], gb["mask"], gb["orig_size"]))
+    num_images += int(mask.sum())
+    results += postprocess.to_coco_results(det, ids, info.label_to_category_id, mask)
+    if len(drawings) < num_images_to_draw:
+      images = _to_host(gb["image"])
+      for b in np.flatnonzero(mask)[: num_images_to_draw - len(drawings)]:
+        h, w = image_size
+        scale = np.array([w / sizes[b, 1], h / sizes[b, 0]] * 2, np.float32)
+        drawings.append(
+          visualize.draw_detections(
+            visualize.denormalize(images[b]),
+            det["boxes"][b] * scale,
+            det["labels"][b],
+            det["scores"][b],
+            info.class_names,
+          )
+        )
+  metrics, table = coco_metrics(info.coco_gt, results)
+  metrics["num_images"] = num_images
+  return metrics, results, drawings, table
+
+
+def write_results(workdir, step, metrics, results):
+  """Writes `eval/step_{step}_{metrics,detections}.json` into the workdir (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  for name, obj in (("metrics", metrics), ("detections", results)):
+    path = os.path.join(out_dir, f"step_{step}_{name}.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def apply_overrides(config, overrides):
+  """Applies `field.sub=value` strings; values parse as Python literals, else stay strings."""
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"Override {item!r} is not FIELD=VALUE")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"Override {item!r}: config has no field {key!r}")
+    node[leaf] = value
+  return config
+
+
+def evaluate_workdir(workdir, step=None, overrides=()):
+  """Evaluates checkpoint `step` (default: latest) of a workdir with its saved config.
+
+  Prints the COCO table, writes the metrics and detections JSON into `workdir/eval`, and
+  returns (metrics, step).
+  """
+  config = apply_overrides(checkpoint.load_config(workdir), overrides)
+  mesh = sharding.create_mesh()
+  info = input_pipeline.get_dataset_info(config.data)
+  model = models.build_model(config.model)
+  abstract = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
+  )
+  repl = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(
+      f"No checkpoint {'' if step is None else step} in {workdir}; have {manager.all_steps()}"
+    )
+  variables = checkpoint.restore(manager, step, variables=abstract)["variables"]
+  metrics, results, _, table = evaluate(make_predict_fn(model), variables, config, info, mesh)
+  if jax.process_index() == 0:
+    print(table)
+  write_results(workdir, step, metrics, results)
+  return metrics, step

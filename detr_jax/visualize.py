@@ -1,0 +1,56 @@
+"""Drawing detections on images (predict.py pictures and TensorBoard images share this code)."""
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+_COLORS = [
+  (230, 25, 75),
+  (60, 180, 75),
+  (255, 225, 25),
+  (0, 130, 200),
+  (245, 130, 48),
+  (145, 30, 180),
+  (70, 240, 240),
+  (240, 50, 230),
+  (210, 245, 60),
+  (250, 190, 212),
+]
+
+
+def denormalize(image):
+  """ImageNet-normalized float image [H, W, 3] -> uint8 [H, W, 3]."""
+  x = np.asarray(image, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def draw_detections(image, boxes, labels, scores, class_names, score_threshold=0.5):
+  """Draws boxes with class names and scores above `score_threshold`.
+
+  Args:
+    image: uint8 [H, W, 3]. boxes: [N, 4] xyxy in pixels of `image`. labels: [N] ints
+      indexing `class_names`. scores: [N].
+
+  Returns:
+    uint8 [H, W, 3] with the drawing.
+  """
+  canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  draw = ImageDraw.Draw(canvas)
+  order = np.argsort(-np.asarray(scores))
+  for i in order:
+    score = float(scores[i])
+    if score < score_threshold:
+      continue
+    label = int(labels[i])
+    color = _COLORS[label % len(_COLORS)]
+    x0, y0, x1, y1 = (float(v) for v in boxes[i])
+    draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
+    name = class_names[label] if label < len(class_names) else str(label)
+    text = f"{name} {score:.2f}"
+    tw = draw.textlength(text)
+    ty = max(0.0, y0 - 11)
+    draw.rectangle([x0, ty, x0 + tw + 4, ty + 11], fill=color)
+    draw.text((x0 + 2, ty), text, fill=(0, 0, 0))
+  return np.asarray(canvas)
