@@ -146,16 +146,20 @@ def _scipy_host(cost, valid):
   out = np.full(valids.shape, -1, np.int32)
   if q == 0:
     return out.reshape(valid.shape)
-  all_finite = bool(np.isfinite(costs).all())
-  for b in range(costs.shape[0]):
-    rows = np.flatnonzero(valids[b])
-    if rows.size == 0:
-      continue
-    sub = costs[b, rows].astype(np.float64)
-    if not all_finite:
-      sub = sanitize_costs(sub, min(rows.size, q))
+  # All valid rows at once (sorted by problem), then one slice per problem.
+  prob, rows = np.nonzero(valids)
+  picked = costs[prob, rows]  # [M, Q]
+  finite = np.isfinite(picked).all(axis=1)
+  counts = np.bincount(prob, minlength=n)
+  ends = np.cumsum(counts)
+  for b in np.flatnonzero(counts):
+    end = ends[b]
+    start = end - counts[b]
+    sub = picked[start:end]
+    if not finite[start:end].all():
+      sub = sanitize_costs(sub, min(counts[b], q))
     r, c = scipy.optimize.linear_sum_assignment(sub)
-    out[b, rows[r]] = c
+    out[b, rows[start + r]] = c
   return out.reshape(valid.shape)
 
 
@@ -417,7 +421,8 @@ def _augment(cost, row_bits, n_rows, colok, fix):
     via, cur, root = st["via"], st["cur"], st["root"]
     active = p < n
     pc = jnp.minimum(p, n - 1)
-    raw = flat_cost[pc * r + cur]  # [S, C]
+    # The barrier keeps later gathers from re-reading (and parallelizing over) the cost.
+    raw = lax.optimization_barrier(flat_cost[pc * r + cur])  # [S, C]
     row = _apply_params(raw, fix[pc])
 
     bits = lax.bitcast_convert_type(raw, jnp.int32) & 0x7FFFFFFF
