@@ -58,61 +58,61 @@ def get_data_config():
   window and the mosaic.
   """
   return ml_collections.ConfigDict(
-      dict(
-          # synthetic | coco | voc | coco_folder
-          name="synthetic",
-          data_dir=None,  # TFDS data_dir (None: TFDS default)
-          # coco (TFDS coco/2017): True maps the 80 TFDS labels to COCO category ids 1..90, so
-          # the model has 91 classes like the reference checkpoints; False: labels 0..79.
-          coco_category_ids_as_labels=True,
-          coco_train_split="train",
-          coco_eval_split="validation",
-          # voc: TFDS "name:split" strings; several train entries are read as their union.
-          voc_train_splits=("voc/2007:train+validation", "voc/2012:train+validation"),
-          voc_eval_split="voc/2007:test",
-          # coco_folder: COCO-format annotations json + image directory per split. Labels are
-          # 0..K-1 in sorted category-id order of the train annotations.
-          train_annotations="",
-          train_images="",
-          eval_annotations="",
-          eval_images="",
-          # coco_folder: decode every image once at start-up to find corrupt files (skipped and
-          # counted). False only checks that each file exists and has a readable header.
-          verify_images=True,
-          # synthetic: procedurally drawn shapes, deterministic from synthetic_seed.
-          synthetic_num_train=2048,
-          synthetic_num_eval=128,
-          synthetic_num_classes=4,  # 1..8: rectangle, ellipse, triangle, cross, diamond, ...
-          synthetic_image_size=(256, 256),  # (H, W) of the generated images
-          synthetic_max_objects=6,
-          synthetic_seed=0,
-          max_boxes=100,  # static target padding; extra objects are dropped and counted
-          shuffle_buffer=1024,  # TFDS sources only; folders and synthetic shuffle whole epochs
-          # Augmentations (training only), in order: [mosaic] -> flip -> [crop] -> resize to
-          # config.image_size -> [photometric] -> ImageNet normalization.
-          hflip_prob=0.5,
-          # The reference's RandomSelect: with crop_prob, resize the shorter side to one of
-          # crop_resize_sizes and take a random crop whose sides are drawn from
-          # [min(crop_min_size, side / 2), min(side, crop_max_size)].
-          crop_prob=0.5,
-          crop_resize_sizes=(400, 500, 600),
-          crop_min_size=384,
-          crop_max_size=600,
-          # A crop keeps a box when at least this fraction of its area stays inside; a crop
-          # that would keep no box is not applied (the seed re-implementation's rule).
-          min_visible_fraction=0.5,
-          # Mosaic (seed re-implementation): with mosaic_prob, four images (this one and three
-          # random others) each flipped, randomly cropped with mosaic_crop_prob to sides of
-          # [mosaic_crop_min_fraction, 1] of the image, fill a 2x2 grid of the output size;
-          # the crop step above then applies to the mosaic.
-          mosaic_prob=0.0,
-          mosaic_crop_prob=0.5,
-          mosaic_crop_min_fraction=0.5,
-          # Photometric distortion: with photometric_prob, brightness, contrast and
-          # saturation factors in [0.5, 1.5] and a hue shift in [-18/255, 18/255] turns.
-          photometric=False,
-          photometric_prob=0.5,
-      )
+    dict(
+      # synthetic | coco | voc | coco_folder
+      name="synthetic",
+      data_dir=None,  # TFDS data_dir (None: TFDS default)
+      # coco (TFDS coco/2017): True maps the 80 TFDS labels to COCO category ids 1..90, so
+      # the model has 91 classes like the reference checkpoints; False: labels 0..79.
+      coco_category_ids_as_labels=True,
+      coco_train_split="train",
+      coco_eval_split="validation",
+      # voc: TFDS "name:split" strings; several train entries are read as their union.
+      voc_train_splits=("voc/2007:train+validation", "voc/2012:train+validation"),
+      voc_eval_split="voc/2007:test",
+      # coco_folder: COCO-format annotations json + image directory per split. Labels are
+      # 0..K-1 in sorted category-id order of the train annotations.
+      train_annotations="",
+      train_images="",
+      eval_annotations="",
+      eval_images="",
+      # coco_folder: decode every image once at start-up to find corrupt files (skipped and
+      # counted). False only checks that each file exists and has a readable header.
+      verify_images=True,
+      # synthetic: procedurally drawn shapes, deterministic from synthetic_seed.
+      synthetic_num_train=2048,
+      synthetic_num_eval=128,
+      synthetic_num_classes=4,  # 1..8: rectangle, ellipse, triangle, cross, diamond, ...
+      synthetic_image_size=(256, 256),  # (H, W) of the generated images
+      synthetic_max_objects=6,
+      synthetic_seed=0,
+      max_boxes=100,  # static target padding; extra objects are dropped and counted
+      shuffle_buffer=1024,  # TFDS sources only; folders and synthetic shuffle whole epochs
+      # Augmentations (training only), in order: [mosaic] -> flip -> [crop] -> resize to
+      # config.image_size -> [photometric] -> ImageNet normalization.
+      hflip_prob=0.5,
+      # The reference's RandomSelect: with crop_prob, resize the shorter side to one of
+      # crop_resize_sizes and take a random crop whose sides are drawn from
+      # [min(crop_min_size, side / 2), min(side, crop_max_size)].
+      crop_prob=0.5,
+      crop_resize_sizes=(400, 500, 600),
+      crop_min_size=384,
+      crop_max_size=600,
+      # A crop keeps a box when at least this fraction of its area stays inside; a crop
+      # that would keep no box is not applied (the seed re-implementation's rule).
+      min_visible_fraction=0.5,
+      # Mosaic (seed re-implementation): with mosaic_prob, four images (this one and three
+      # random others) each flipped, randomly cropped with mosaic_crop_prob to sides of
+      # [mosaic_crop_min_fraction, 1] of the image, fill a 2x2 grid of the output size;
+      # the crop step above then applies to the mosaic.
+      mosaic_prob=0.0,
+      mosaic_crop_prob=0.5,
+      mosaic_crop_min_fraction=0.5,
+      # Photometric distortion: with photometric_prob, brightness, contrast and
+      # saturation factors in [0.5, 1.5] and a hue shift in [-18/255, 18/255] turns.
+      photometric=False,
+      photometric_prob=0.5,
+    )
   )
 
 

@@ -11,8 +11,6 @@ def get_config():
   config.data.name = "synthetic"
   config.data.mosaic_prob = 0.0
   config.data.max_boxes = 8
-  config.data.multiscale_sizes = (192, 224, 256)
-  config.data.multiscale_max_size = 320
   config.data.crop_resize_sizes = (160, 192, 224)
   config.data.crop_min_size = 128
   config.data.crop_max_size = 224

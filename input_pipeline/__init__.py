@@ -1,0 +1,108 @@
+"""tf.data input pipeline for DETR: sources, augmentation, static-shape batches.
+
+API:
+  info = input_pipeline.get_dataset_info(config.data)
+    -> DatasetInfo: num_classes, label_to_category_id (int64 [K]), class_names,
+       num_train_examples, num_eval_examples, counters (load-time skips), coco_gt (COCO json
+       of the eval split, for pycocotools).
+  it = input_pipeline.create_train_iterator(config.data, image_size=(H, W),
+      global_batch_size=B, seed=s, start_step=0, process_index=None, process_count=None)
+    Endless iterator of this host's batches (b = B // process_count):
+      image  float32 [b, H, W, 3], ImageNet mean/std normalized
+      labels int32   [b, T]       (T = config.data.max_boxes; 0 where not valid)
+      boxes  float32 [b, T, 4]    cxcywh normalized to [0, 1] of the output image
+      valid  bool    [b, T]
+    The batch of step s is the same whatever `start_step` the iterator started from.
+    `it.counters` counts dropped objects (see below).
+  batches = input_pipeline.create_eval_iterator(config.data, image_size=(H, W),
+      global_batch_size=B, process_index=None, process_count=None)
+    Finite iterable (one pass per `iter()`), the keys above plus
+      image_id  int64 [b]     (the id in info.coco_gt)
+      orig_size int32 [b, 2]  (height, width of the original image)
+      mask      bool  [b]     (False: padding of the last batch)
+    Every eval image appears exactly once over all hosts; every host yields the same number
+    of batches. `batches.counters` as for training.
+  process_index/process_count default to jax.process_index()/jax.process_count().
+
+Sources (`config.data.name`):
+  synthetic    Procedural shapes (`input_pipeline.synthetic`), generated in memory in a few
+               seconds from `synthetic_seed`; labels 0..K-1 are category ids 1..K.
+  coco         TFDS coco/2017 from `data_dir`. With `coco_category_ids_as_labels` (default)
+               labels are COCO category ids (K = 91, "N/A" for the 11 unused ids), like the
+               reference checkpoints; otherwise labels 0..79 in category-id order.
+  voc          TFDS voc (`voc_train_splits`, read as their union; `voc_eval_split`); 20
+               classes, category id = label + 1, image ids are a hash of the file name.
+  coco_folder  Your own data: a COCO "instances" json (`*_annotations`) and an image
+               directory (`*_images`) per split. Labels 0..K-1 in sorted category-id order of
+               the train json. Every format PIL reads works: JPEG/PNG/GIF/BMP/WebP are decoded
+               by TensorFlow (grayscale, palette, RGBA and CMYK become RGB, alpha is dropped);
+               others (TIFF, ...) are converted to PNG in memory at start-up.
+
+Training chain (the reference DETR's, plus the seed re-implementation's mosaic; see
+configs/base.py for the fields): with `mosaic_prob` a 2x2 mosaic of four images (each
+flipped and cropped on its own) of the output size; else the image is flipped with
+`hflip_prob`; then with `crop_prob` a random-size crop; then resize to (H, W) without keeping
+the aspect ratio; optional photometric distortion; ImageNet normalization. Each image is
+decoded once (JPEGs only inside the crop window) and resampled once to its place in the
+output; the reference's multi-scale resize before a fixed-size resize would only change the
+interpolation, so it is not done. Boxes follow every step exactly, are clipped to the image,
+and are dropped when a crop leaves less than `min_visible_fraction` of their area or no area
+at all (a crop that would leave no box is not applied). Crowd (COCO) and difficult (VOC)
+objects are never training targets; they stay in `coco_gt` as `iscrowd` regions. Eval: the
+whole image resized to (H, W).
+
+Determinism and resumption: every random choice is a stateless function of (seed, example
+position in the run); shuffling is a per-epoch permutation (folders, synthetic: the exact
+`index_shuffle` permutation of the whole split, position -> image, so starting at step k
+computes it directly; TFDS: each host shuffles its `tfds.even_splits` shard with a buffer
+seeded per epoch, and starting at step k reads at most one epoch of undecoded records).
+TensorFlow is hidden from GPUs and TPUs when this package is imported, so it never takes
+accelerator memory.
+
+Bad input (coco_folder; checked once when the source is built):
+  * annotations json missing, not JSON, or without images/annotations/categories lists:
+    error naming the file.
+  * annotation whose category_id is not in the train json's categories: error naming the
+    json, annotation id, image file and category id. Annotation referring to an image id not
+    in `images`, duplicate image/annotation/category ids: error naming them.
+  * image file missing, unreadable header, size different from the json's width/height, or
+    (with `verify_images`, the default) not decodable by TensorFlow (corrupt, truncated): the
+    image and its annotations are skipped, counted in `info.counters['<split>/skipped_images']`
+    and logged with the file name and reason. With `verify_images=False` a file that is
+    corrupt past its header makes the iterator raise TensorFlow's decode error.
+  * bbox that is not 4 numbers, NaN/infinite, zero or negative width/height, or entirely
+    outside the image: the annotation is skipped, counted in
+    `info.counters['<split>/invalid_boxes']` and logged with its annotation id and file.
+  * bbox partly outside the image: clipped to it, counted in `<split>/clipped_boxes`.
+  * image without annotations: kept (no targets in training, evaluated as an image with no
+    objects), counted in `<split>/images_without_annotations`.
+TFDS sources are checked while iterating: NaN or no-area boxes are dropped and counted in
+`it.counters['invalid_boxes']` (and `info.counters['eval/invalid_boxes']` for coco_gt).
+Objects beyond `max_boxes` (after augmentation) are dropped, never an error: counted in
+`it.counters['truncated_boxes']` and logged the first time.
+"""
+
+import logging
+
+import tensorflow as tf
+
+
+def _hide_accelerators_from_tensorflow():
+  """Keeps TensorFlow on the CPU so JAX has the accelerators' memory to itself."""
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError) as e:  # no such device type, or TF already initialized
+      logging.debug("input_pipeline: could not hide %s devices from TensorFlow: %s", kind, e)
+
+
+_hide_accelerators_from_tensorflow()
+
+from input_pipeline.pipeline import (  # noqa: E402  (after hiding the accelerators)
+  DatasetInfo,
+  create_eval_iterator,
+  create_train_iterator,
+  get_dataset_info,
+)
+
+__all__ = ["DatasetInfo", "create_eval_iterator", "create_train_iterator", "get_dataset_info"]

@@ -1,0 +1,498 @@
+"""Data sources: where examples come from, as tf.data records in one common format.
+
+A record is a dict of tensors:
+  image: tf.string, the encoded image.
+  size: int32 `[2]` (height, width), or (-1, -1) when only decoding can tell.
+  boxes: float32 `[n, 4]` xyxy normalized to [0, 1] by the image size.
+  labels: int32 `[n]`, the model's labels.
+  crowd: bool `[n]`, crowd (COCO iscrowd) or difficult (VOC) objects: never training targets.
+  image_id: int64 scalar, the image's id in `coco_gt()`.
+
+Two kinds of sources:
+  * `TableSource` (COCO-format folders, the synthetic dataset) holds every annotation in
+    memory and reads any image by index, so its training order is an exact per-epoch
+    permutation (`tf.random.experimental.index_shuffle`) of the whole split, shared by all
+    hosts: step s reads global positions s*B .. s*B+B-1, host p the slice p*b .. p*b+b-1.
+    Starting at step k costs nothing. Its records are `{'index': i}` until `load()` reads
+    them, so mosaic partners that are not used are never read.
+  * `TfdsSource` (coco/2017, voc) reads its host's contiguous part of the split
+    (`tfds.even_splits`, as `tfds.split_for_jax_process` does) sequentially; each epoch is
+    shuffled with a buffer seeded from (seed, stream, host, epoch). Starting at step k
+    skips whole epochs for free and reads (without decoding) up to one epoch of records.
+"""
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import coco_format, synthetic, transforms
+
+# COCO 2017's 80 category ids (TFDS label i is COCO_CATEGORY_IDS[i]) and names.
+COCO_CATEGORY_IDS = tuple(
+  i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+)
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+VOC_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+_NO_SIZE = (-1, -1)
+# Functions traced by tf.data here have no Python control flow on tensors; AutoGraph's source
+# transformation would only slow down building the pipeline.
+_no_autograph = tf.autograph.experimental.do_not_convert
+_FOREVER = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+  """The model's classes: labels 0..num_classes-1 and the COCO category id of each."""
+
+  num_classes: int
+  label_to_category_id: np.ndarray  # int64 [num_classes]
+  class_names: list
+
+
+def _empty_record():
+  """A record of the common format with no image and no objects (padding)."""
+  return dict(
+    image=tf.constant(b""),
+    size=tf.constant(_NO_SIZE, tf.int32),
+    boxes=tf.zeros([0, 4], tf.float32),
+    labels=tf.zeros([0], tf.int32),
+    crowd=tf.zeros([0], tf.bool),
+    image_id=tf.constant(0, tf.int64),
+  )
+
+
+def eval_slots(num_examples, process_count, local_batch):
+  """Examples per host in the eval pass (the same on every host, a multiple of the batch)."""
+  per_host = math.ceil(num_examples / process_count)
+  return max(1, math.ceil(per_host / local_batch)) * local_batch
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory tables: COCO-format folders and the synthetic dataset.
+# ---------------------------------------------------------------------------------------------
+class TableSource:
+  """Random-access source over two `coco_format.ExampleTable`s (train, eval)."""
+
+  def __init__(self, train, eval_, labels, coco_gt, counters):
+    self.labels = labels
+    self.counters = counters
+    self._tables = dict(train=train, eval=eval_)
+    self._tensors = {}
+    self._coco_gt = coco_gt
+
+  @property
+  def num_train_examples(self):
+    return self._tables["train"].num_images
+
+  @property
+  def num_eval_examples(self):
+    return self._tables["eval"].num_images
+
+  def coco_gt(self):
+    return self._coco_gt
+
+  def _table_tensors(self, split):
+    if split not in self._tensors:
+      t = self._tables[split]
+      self._tensors[split] = dict(
+        paths=tf.constant([str(p) for p in t.image_paths], tf.string, shape=[t.num_images]),
+        inline=tf.constant(list(t.image_bytes), tf.string, shape=[t.num_images]),
+        sizes=tf.constant(t.sizes, tf.int32),
+        image_ids=tf.constant(t.image_ids, tf.int64),
+        row_splits=tf.constant(t.row_splits, tf.int64),
+        boxes=tf.constant(t.boxes, tf.float32),
+        labels=tf.constant(t.labels, tf.int32),
+        crowd=tf.constant(t.crowd, tf.bool),
+      )
+    return self._tensors[split]
+
+  def loader(self, split):
+    """A function lazy record `{'index': i}` -> full record of `split` (reads the image)."""
+    t = self._table_tensors(split)
+    return lambda record: self._load(t, record["index"])
+
+  @staticmethod
+  def _load(t, i):
+    start, end = t["row_splits"][i], t["row_splits"][i + 1]
+    path = t["paths"][i]
+    image = tf.cond(
+      tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: t["inline"][i]
+    )
+    return dict(
+      image=image,
+      size=t["sizes"][i],
+      boxes=t["boxes"][start:end],
+      labels=t["labels"][start:end],
+      crowd=t["crowd"][start:end],
+      image_id=t["image_ids"][i],
+    )
+
+  def train_records(self, *, start, seed, stream, process_index, local_batch, global_batch, **_):
+    """Endless (key position, lazy record) pairs of this host from local position `start`.
+
+    The key position is the example's global position in the run (unique over hosts); the
+    record of stream `stream` at global position g is image
+    `index_shuffle(g % n, seed=(seed, stream, g // n))`: stream 0 is the epoch order, streams
+    1..3 are independent orders that supply mosaic partners.
+    """
+    n = self.num_train_examples
+    if n == 0:
+      raise ValueError("The training split has no usable images.")
+    b, big_b, p = local_batch, global_batch, process_index
+    base = tf.constant([seed, stream], tf.int64)
+
+    def lookup(k):
+      g = (k // b) * big_b + p * b + k % b
+      epoch_seed = tf.random.experimental.stateless_fold_in(base, g // n)
+      i = tf.random.experimental.index_shuffle(g % n, epoch_seed, tf.constant(n - 1, tf.int64))
+      return g, dict(index=i)
+
+    return tf.data.Dataset.range(start, _FOREVER).map(_no_autograph(lookup))
+
+  def eval_records(self, *, process_index, process_count, local_batch):
+    """(lazy record, mask) of this host: images p, p + P, ... then padding (mask False)."""
+    n = self.num_eval_examples
+    slots = eval_slots(n, process_count, local_batch)
+    mine = np.arange(process_index, n, process_count)
+    indices = np.concatenate([mine, -np.ones(slots - len(mine), np.int64)]).astype(np.int64)
+    return tf.data.Dataset.from_tensor_slices(indices).map(
+      lambda i: (dict(index=tf.maximum(i, 0)), i >= 0)
+    )
+
+
+def folder_source(cfg):
+  """A `TableSource` for `cfg.name == 'coco_folder'`."""
+  if not cfg.train_annotations and not cfg.eval_annotations:
+    raise ValueError("coco_folder needs data.train_annotations and/or data.eval_annotations.")
+  label_file = cfg.train_annotations or cfg.eval_annotations
+  category_ids, names = coco_format.read_categories(label_file)
+  counters = {}
+  tables, gts = {}, {}
+  for split, ann, images in (
+    ("train", cfg.train_annotations, cfg.train_images),
+    ("eval", cfg.eval_annotations, cfg.eval_images),
+  ):
+    if not ann:
+      tables[split], gts[split] = coco_format.build_table([]), None
+      continue
+    table, gt, c = coco_format.load_coco_folder(
+      ann, images, category_ids=category_ids, verify_images=cfg.verify_images, split=split
+    )
+    tables[split], gts[split] = table, gt
+    counters.update(c)
+  labels = LabelSpace(len(category_ids), np.asarray(category_ids, np.int64), names)
+  gt = gts["eval"] or _empty_gt(labels)
+  return TableSource(tables["train"], tables["eval"], labels, gt, counters)
+
+
+def _empty_gt(labels):
+  cats = [dict(id=int(c), name=n) for c, n in zip(labels.label_to_category_id, labels.class_names)]
+  return dict(images=[], annotations=[], categories=cats)
+
+
+def synthetic_source(cfg):
+  """A `TableSource` of the procedural dataset (`input_pipeline.synthetic`)."""
+  k = cfg.synthetic_num_classes
+  labels = LabelSpace(k, np.arange(1, k + 1, dtype=np.int64), list(synthetic.SHAPES[:k]))
+  h, w = cfg.synthetic_image_size
+  kwargs = dict(
+    seed=cfg.synthetic_seed,
+    num_classes=k,
+    image_size=(h, w),
+    max_objects=cfg.synthetic_max_objects,
+  )
+  tables = {}
+  gt = _empty_gt(labels)
+  for split, num in (("train", cfg.synthetic_num_train), ("eval", cfg.synthetic_num_eval)):
+    examples = synthetic.generate(num, split=split, **kwargs)
+    rows = []
+    for i, ex in enumerate(examples):
+      rows.append(
+        dict(
+          path="",
+          data=ex["jpeg"],
+          height=h,
+          width=w,
+          image_id=i + 1,
+          boxes=ex["boxes"] / np.asarray([w, h, w, h], np.float32),
+          labels=ex["labels"],
+          crowd=np.zeros(len(ex["labels"]), bool),
+        )
+      )
+      if split == "eval":
+        gt["images"].append(dict(id=i + 1, file_name=f"{i + 1}.jpg", width=w, height=h))
+        for (x0, y0, x1, y1), label, area in zip(ex["boxes"], ex["labels"], ex["areas"]):
+          gt["annotations"].append(
+            dict(
+              id=len(gt["annotations"]) + 1,
+              image_id=i + 1,
+              category_id=int(label) + 1,
+              bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+              area=float(area),
+              iscrowd=0,
+            )
+          )
+    tables[split] = coco_format.build_table(rows)
+  return TableSource(tables["train"], tables["eval"], labels, gt, counters={})
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS: coco/2017 and voc.
+# ---------------------------------------------------------------------------------------------
+class TfdsSource:
+  """Sequential source over TFDS splits (images read undecoded, decoded by the pipeline)."""
+
+  def __init__(self, kind, train_splits, eval_split, *, data_dir, ids_as_labels, shuffle_buffer):
+    """
+    Args:
+      kind: 'coco' or 'voc' (how features map to records).
+      train_splits: list of (tfds name, split); several are read as their union.
+      eval_split: (tfds name, split).
+      data_dir: TFDS data_dir or None.
+      ids_as_labels: coco only: labels are COCO category ids (91 classes) instead of 0..79.
+      shuffle_buffer: per-epoch shuffle buffer of the training stream.
+    """
+    self._kind = kind
+    self._data_dir = data_dir
+    self._train = list(train_splits)
+    self._eval = eval_split
+    self._shuffle_buffer = shuffle_buffer
+    self.counters = {}
+    self._gt = None
+    self._num = {}
+    if kind == "coco":
+      if ids_as_labels:
+        names = ["N/A"] * 91
+        for cid, name in zip(COCO_CATEGORY_IDS, COCO_NAMES):
+          names[cid] = name
+        self.labels = LabelSpace(91, np.arange(91, dtype=np.int64), names)
+        self._label_map = tf.constant(COCO_CATEGORY_IDS, tf.int32)
+      else:
+        self.labels = LabelSpace(80, np.asarray(COCO_CATEGORY_IDS, np.int64), list(COCO_NAMES))
+        self._label_map = None
+    elif kind == "voc":
+      self.labels = LabelSpace(20, np.arange(1, 21, dtype=np.int64), list(VOC_NAMES))
+      self._label_map = None
+    else:
+      raise ValueError(f"Unknown TFDS source kind {kind!r}.")
+
+  def _read(self, name, split):
+    builder = tfds.builder(name, data_dir=self._data_dir)
+    ds = builder.as_dataset(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+    )
+    return ds.map(_no_autograph(self._to_record), num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _to_record(self, ex):
+    objects = ex["objects"]
+    # Real TFDS data has per-object features of equal length; TFDS's random mock data does
+    # not, so they are cut to the shortest.
+    extra = "is_crowd" if self._kind == "coco" else "is_difficult"
+    n = tf.reduce_min(
+      [tf.shape(objects["bbox"])[0], tf.shape(objects["label"])[0], tf.shape(objects[extra])[0]]
+    )
+    bbox = objects["bbox"][:n]  # ymin, xmin, ymax, xmax
+    labels = tf.cast(objects["label"][:n], tf.int32)
+    if self._label_map is not None:
+      labels = tf.gather(self._label_map, labels)
+    if self._kind == "coco":
+      image_id = ex["image/id"]
+    else:  # VOC has file names only; a 53-bit hash keeps ids exact in JSON.
+      image_id = tf.strings.to_hash_bucket_fast(ex["image/filename"], 2**53)
+    return dict(
+      image=ex["image"],
+      size=tf.constant(_NO_SIZE, tf.int32),
+      boxes=tf.stack([bbox[:, 1], bbox[:, 0], bbox[:, 3], bbox[:, 2]], axis=1),
+      labels=labels,
+      crowd=tf.cast(objects[extra][:n], tf.bool),
+      image_id=image_id,
+    )
+
+  def _cardinality(self, ds, what):
+    n = int(ds.cardinality().numpy())
+    if n < 0:
+      raise ValueError(f"TFDS {what}: unknown number of examples.")
+    return n
+
+  def _count(self, name, split):
+    if (name, split) not in self._num:
+      self._num[name, split] = self._cardinality(self._read(name, split), f"{name}:{split}")
+    return self._num[name, split]
+
+  @property
+  def num_train_examples(self):
+    return sum(self._count(*s) for s in self._train)
+
+  @property
+  def num_eval_examples(self):
+    return self._count(*self._eval)
+
+  def loader(self, split):
+    """Records are complete already: the identity."""
+    del split
+    return lambda record: record
+
+  def _host_split(self, split, process_index, process_count):
+    if process_count == 1:
+      return split
+    return tfds.even_splits(split, n=process_count)[process_index]
+
+  def train_records(self, *, start, seed, stream, process_index, process_count, **_):
+    """Endless (key position, record) pairs of this host's shard from local position `start`.
+
+    Key positions are `local position * process_count + process_index` (unique over hosts).
+    """
+    base = None
+    for name, split in self._train:
+      ds = self._read(name, self._host_split(split, process_index, process_count))
+      base = ds if base is None else base.concatenate(ds)
+    n = self._cardinality(base, f"train shard {process_index}")
+    if n == 0:
+      raise ValueError(f"TFDS train shard {process_index}/{process_count} has no examples.")
+    first_epoch, offset = divmod(start, n)
+    seed0 = int(np.random.SeedSequence([seed, stream, process_index]).generate_state(1)[0])
+    buffer = self._shuffle_buffer
+
+    def epoch(e):
+      return base.shuffle(buffer, seed=seed0 + e * 1_000_003, reshuffle_each_iteration=False)
+
+    records = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(_no_autograph(epoch))
+    records = records.skip(offset)
+    keys = tf.data.Dataset.range(start, _FOREVER).map(
+      _no_autograph(lambda k: k * process_count + process_index)
+    )
+    return tf.data.Dataset.zip(keys, records)
+
+  def eval_records(self, *, process_index, process_count, local_batch):
+    """(record, mask) of this host's contiguous part of the eval split, then padding."""
+    total = self.num_eval_examples
+    slots = eval_slots(total, process_count, local_batch)
+    name, split = self._eval
+    ds = self._read(name, self._host_split(split, process_index, process_count))
+    n = self._cardinality(ds, f"eval shard {process_index}")
+    if n > slots:
+      raise ValueError(f"TFDS eval shard {process_index} has {n} > {slots} examples.")
+    ds = ds.map(_no_autograph(lambda r: (r, tf.constant(True))))
+    pad = tf.data.Dataset.from_tensors((_empty_record(), tf.constant(False))).repeat(slots - n)
+    return ds.concatenate(pad)
+
+  def coco_gt(self):
+    """COCO json of the eval split (one pass over it, image sizes from the JPEG headers)."""
+    if self._gt is None:
+      self._gt = self._build_gt()
+    return self._gt
+
+  def _build_gt(self):
+    name, split = self._eval
+    builder = tfds.builder(name, data_dir=self._data_dir)
+    raw = builder.as_dataset(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+    )
+
+    def fields(ex):
+      rec = self._to_record(ex)
+      n = tf.shape(rec["labels"])[0]
+      objects = ex["objects"]
+      if self._kind == "coco":
+        ann_ids = objects["id"][:n]
+        areas = tf.cast(objects["area"][:n], tf.float32)
+      else:
+        ann_ids = tf.fill([n], tf.constant(-1, tf.int64))
+        areas = tf.fill([n], -1.0)
+      size = transforms.image_size(rec["image"], rec["size"])
+      rec.pop("image")
+      return dict(rec, size=size, ann_ids=ann_ids, areas=areas)
+
+    images, annotations = [], []
+    seen = set()
+    to_cat = self.labels.label_to_category_id
+    fields = _no_autograph(fields)
+    for r in raw.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+      iid = int(r["image_id"])
+      if iid in seen:
+        logging.warning(
+          "TFDS %s:%s: image id %d appears twice; keeping the first.", *self._eval, iid
+        )
+        continue
+      seen.add(iid)
+      h, w = (int(v) for v in r["size"])
+      images.append(dict(id=iid, width=w, height=h))
+      for box, label, crowd, aid, area in zip(
+        r["boxes"], r["labels"], r["crowd"], r["ann_ids"], r["areas"]
+      ):
+        x0, y0, x1, y1 = (float(v) for v in np.clip(box, 0.0, 1.0) * [w, h, w, h])
+        if not (np.all(np.isfinite(box)) and x1 > x0 and y1 > y0):
+          self.counters["eval/invalid_boxes"] = self.counters.get("eval/invalid_boxes", 0) + 1
+          continue
+        annotations.append(
+          dict(
+            id=int(aid) if aid >= 0 else len(annotations) + 1,
+            image_id=iid,
+            category_id=int(to_cat[label]),
+            bbox=[x0, y0, x1 - x0, y1 - y0],
+            area=float(area) if area > 0 else (x1 - x0) * (y1 - y0),
+            iscrowd=int(crowd),
+          )
+        )
+    categories = [
+      dict(id=int(c), name=n)
+      for c, n in zip(self.labels.label_to_category_id, self.labels.class_names)
+      if n != "N/A"
+    ]
+    return dict(images=images, annotations=annotations, categories=categories)
+
+
+def tfds_source(cfg):
+  """A `TfdsSource` for `cfg.name` in ('coco', 'voc')."""
+  if cfg.name == "coco":
+    train = [("coco/2017", cfg.coco_train_split)]
+    eval_ = ("coco/2017", cfg.coco_eval_split)
+  else:
+    train = [_parse_tfds_split(s) for s in cfg.voc_train_splits]
+    eval_ = _parse_tfds_split(cfg.voc_eval_split)
+  return TfdsSource(
+    cfg.name,
+    train,
+    eval_,
+    data_dir=cfg.data_dir,
+    ids_as_labels=cfg.coco_category_ids_as_labels,
+    shuffle_buffer=cfg.shuffle_buffer,
+  )
+
+
+def _parse_tfds_split(spec):
+  name, sep, split = spec.partition(":")
+  if not sep or not name or not split:
+    raise ValueError(f"Expected a TFDS 'name:split' string, got {spec!r}.")
+  return name, split
+
+
+def build_source(cfg):
+  """The source named by `cfg.name` (synthetic | coco | voc | coco_folder)."""
+  if cfg.name == "synthetic":
+    return synthetic_source(cfg)
+  if cfg.name == "coco_folder":
+    return folder_source(cfg)
+  if cfg.name in ("coco", "voc"):
+    return tfds_source(cfg)
+  raise ValueError(f"Unknown data.name {cfg.name!r}: synthetic | coco | voc | coco_folder.")
