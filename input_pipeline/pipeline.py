@@ -42,7 +42,8 @@ class DatasetInfo:
     num_eval_examples: usable eval images (all hosts together).
     counters: what loading skipped or changed, e.g. {'train/skipped_images': 2,
       'train/invalid_boxes': 1, 'train/clipped_boxes': 3, 'eval/images_without_annotations':
-      5, ...}; every skip is also logged with file names and annotation ids.
+      5, ...}; every skip is also logged with file names and annotation ids. The dict is the
+      source's own: TFDS sources add 'eval/invalid_boxes' when `coco_gt` is first built.
     coco_gt: COCO-format json (dict) of the eval split, for `pycocotools.coco.COCO`; TFDS
       sources build it on first access with one pass over the eval split.
   """
@@ -78,7 +79,7 @@ def get_dataset_info(data_config):
     class_names=list(source.labels.class_names),
     num_train_examples=source.num_train_examples,
     num_eval_examples=source.num_eval_examples,
-    counters=dict(source.counters),
+    counters=source.counters,
     _source=source,
   )
 
