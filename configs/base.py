@@ -137,6 +137,9 @@ def get_config():
   config.lr_drop_factor = 0.1
   config.warmup_steps = 0
 
+  # Backbones trained from scratch: estimate the frozen BatchNorm statistics from the first
+  # training batch (models.calibrate_batch_norm). Ignored when resuming or with init_from.
+  config.bn_init_from_data = False
   config.fsdp = False  # shard large parameters and optimizer state over devices
   config.init_from = ""  # workdir or checkpoint dir of a converted/trained model to start from
   config.checkpoint_every_steps = 1000

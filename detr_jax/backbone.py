@@ -45,18 +45,26 @@ class FrozenBatchNorm(nn.Module):
   """BatchNorm with fixed statistics and affine parameters: `x * scale' + shift'`.
 
   `scale' = scale * rsqrt(var + 1e-5)`, `shift' = bias - mean * scale'`, exactly as the
-  reference's FrozenBatchNorm2d. x: [..., C].
+  reference's FrozenBatchNorm2d. x: [..., C]. With `calibrate` (applied with
+  `mutable=["batch_stats"]`) the mean and variance of `x` over the batch replace the stored
+  ones first: a data-dependent initialization for backbones trained without ImageNet weights.
   """
 
   dtype: jnp.dtype = jnp.float32
+  calibrate: bool = False
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     scale = self.variable("batch_stats", "scale", jnp.ones, (c,), jnp.float32).value
     bias = self.variable("batch_stats", "bias", jnp.zeros, (c,), jnp.float32).value
-    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32).value
-    var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32).value
+    mean_var = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    var_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.calibrate:  # data-dependent init: statistics of this batch become the frozen ones
+      axes = tuple(range(x.ndim - 1))
+      mean_var.value = jnp.mean(x.astype(jnp.float32), axes)
+      var_var.value = jnp.var(x.astype(jnp.float32), axes)
+    mean, var = mean_var.value, var_var.value
     scale = scale * jax.lax.rsqrt(var + BN_EPS)
     shift = bias - mean * scale
     return x * scale.astype(self.dtype) + shift.astype(self.dtype)
@@ -87,17 +95,18 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
+  calibrate: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     y = _conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
     y = _conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
-    y = FrozenBatchNorm(self.dtype, name="bn2")(y)
+    y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y)
     if self.downsample:
       x = _conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-      x = FrozenBatchNorm(self.dtype, name="downsample_bn")(x)
+      x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
@@ -109,19 +118,20 @@ class Bottleneck(nn.Module):
   dilation: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
+  calibrate: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
     y = _conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(y))
+    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
     y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, name="conv2")(y)
-    y = nn.relu(FrozenBatchNorm(self.dtype, name="bn2")(y))
+    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y))
     y = _conv(self.features * 4, 1, dtype=self.dtype, name="conv3")(y)
-    y = FrozenBatchNorm(self.dtype, name="bn3")(y)
+    y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn3")(y)
     if self.downsample:
       x = _conv(self.features * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-      x = FrozenBatchNorm(self.dtype, name="downsample_bn")(x)
+      x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
@@ -135,12 +145,14 @@ class ResNet(nn.Module):
       last stage of a frozen prefix (stem, layer1 in the reference), so no backward pass
       runs through it.
     dtype: compute dtype.
+    calibrate_bn: re-estimate every frozen BatchNorm's statistics from the input batch.
   """
 
   depth: str = "resnet50"
   dilation: bool = False
   trainable: Sequence[str] = ("layer2", "layer3", "layer4")
   dtype: jnp.dtype = jnp.float32
+  calibrate_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -163,7 +175,7 @@ class ResNet(nn.Module):
 
     x = x.astype(self.dtype)
     x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(FrozenBatchNorm(self.dtype, name="bn1")(x))
+    x = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate_bn, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = maybe_stop("stem", x)
     in_features = 64
@@ -182,6 +194,7 @@ class ResNet(nn.Module):
           dilation=prev_dilation if j == 0 else dilation,
           downsample=downsample,
           dtype=self.dtype,
+          calibrate=self.calibrate_bn,
           name=f"layer{i + 1}_{j}",
         )(x)
         in_features = features * block_cls.expansion

@@ -60,6 +60,7 @@ class DETR(nn.Module):
   attention: str = "xla"
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  calibrate_bn: bool = False  # see calibrate_batch_norm
 
   @nn.compact
   def __call__(self, images, train=False):
@@ -75,7 +76,12 @@ class DETR(nn.Module):
       Logits and boxes are float32 whatever the compute dtype.
     """
     feats = backbone_lib.ResNet(
-      self.backbone, self.dilation, tuple(self.backbone_trainable), self.dtype, name="backbone"
+      self.backbone,
+      self.dilation,
+      tuple(self.backbone_trainable),
+      self.dtype,
+      self.calibrate_bn,
+      name="backbone",
     )(images)
     in_ch = feats.shape[-1]
     init = _torch_linear_init(in_ch)
@@ -157,6 +163,20 @@ def init_variables(model, rng, image_size, batch_size=1):
   images = jnp.zeros((batch_size, *image_size, 3), jnp.float32)
   variables = model.init(rng, images, train=False)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def calibrate_batch_norm(model, variables, images):
+  """Frozen BatchNorm statistics estimated from `images` [B, H, W, 3] (data-dependent init).
+
+  For backbones trained from scratch (no ImageNet weights): each frozen BatchNorm's mean and
+  variance become those of its input on this batch, layer after layer, so activations start
+  standardized everywhere instead of growing through the residual stages. Returns new
+  variables; params are unchanged.
+  """
+  _, updates = model.clone(calibrate_bn=True).apply(
+    variables, images, train=False, mutable=["batch_stats"]
+  )
+  return {**variables, "batch_stats": updates["batch_stats"]}
 
 
 def _backbone_stage(name):

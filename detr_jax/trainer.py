@@ -170,6 +170,19 @@ def train_and_evaluate(config, workdir):
     )(init_rng)
     if config.init_from:
       variables = jax.device_put(_load_pretrained(config.init_from, variables), var_shardings)
+    elif config.bn_init_from_data:
+      first = input_pipeline.create_train_iterator(
+        config.data,
+        image_size=image_size,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=0,
+      )
+      images = sharding.global_batch(next(first), mesh)["image"]
+      variables = jax.jit(
+        lambda v, x: models.calibrate_batch_norm(model, v, x), out_shardings=var_shardings
+      )(variables, images)
+      logging.info("Frozen BatchNorm statistics estimated from the first training batch")
     state = jax.jit(init_state, out_shardings=state_shardings)(variables)
 
   # ---- The step ------------------------------------------------------------------------

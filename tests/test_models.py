@@ -183,3 +183,24 @@ def test_pre_norm_and_remat_variants_run_and_remat_is_exact():
   g1 = jax.grad(functools.partial(loss, model))(variables["params"])
   g2 = jax.grad(functools.partial(loss, remat_model))(variables["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+
+
+def test_calibrate_batch_norm_uses_batch_statistics():
+  config = base.get_model_config()
+  config.backbone = "resnet18"
+  config.hidden_dim, config.num_heads, config.dim_feedforward = 32, 2, 64
+  config.num_encoder_layers = config.num_decoder_layers = 1
+  model = models.build_model(config)
+  variables = models.init_variables(model, jax.random.key(0), (64, 64))
+  images = _images((4, 64, 64, 3), seed=2)
+  calibrated = models.calibrate_batch_norm(model, variables, images)
+  jax.tree.map(np.testing.assert_array_equal, calibrated["params"], variables["params"])
+  kernel = variables["params"]["backbone"]["conv1"]["kernel"]
+  conv1 = jax.lax.conv_general_dilated(
+    images, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  bn1 = calibrated["batch_stats"]["backbone"]["bn1"]
+  np.testing.assert_allclose(bn1["mean"], conv1.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bn1["var"], conv1.var((0, 1, 2)), rtol=1e-4)
+  deep = calibrated["batch_stats"]["backbone"]["layer4_1"]["bn2"]
+  assert not np.allclose(deep["var"], 1.0) and np.all(np.asarray(deep["var"]) > 0)
