@@ -92,8 +92,16 @@ def _hide_accelerators_from_tensorflow():
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError) as e:  # no such device type, or TF already initialized
-      logging.debug("input_pipeline: could not hide %s devices from TensorFlow: %s", kind, e)
+    except ValueError:  # TensorFlow has no such device type (tensorflow-cpu has no GPU).
+      pass
+    except RuntimeError as e:  # TensorFlow already initialized its devices.
+      if tf.config.get_visible_devices(kind):
+        logging.warning(
+          "input_pipeline: TensorFlow initialized its devices before this import and may hold "
+          "%s memory; import input_pipeline first. (%s)",
+          kind,
+          e,
+        )
 
 
 _hide_accelerators_from_tensorflow()

@@ -22,10 +22,6 @@ _AUGMENT_SALT = 0x0A06
 # Train stream 0 is the epoch order; 1..3 supply the mosaic partners.
 _MOSAIC_PARTNERS = 3
 
-# The map functions have no Python control flow on tensors: skipping AutoGraph's source
-# transformation makes building a pipeline several times faster.
-no_autograph = tf.autograph.experimental.do_not_convert
-
 _SOURCES = {}
 _SOURCES_LOCK = threading.Lock()
 
@@ -348,7 +344,7 @@ def build_train_dataset(
   ds = tf.data.Dataset.zip(tuple(source.train_records(stream=s, **common) for s in range(streams)))
   fn = make_train_example_fn(source.loader("train"), aug, out_size, data_config.max_boxes, seed)
   ds = ds.map(
-    no_autograph(lambda main, *partners: fn(*main, *[record for _, record in partners])),
+    T.no_autograph(lambda main, *partners: fn(*main, *[record for _, record in partners])),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(b, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
@@ -362,7 +358,7 @@ def build_eval_dataset(data_config, *, image_size, global_batch_size, process_in
   out_size = tuple(int(v) for v in image_size)
   ds = source.eval_records(process_index=process_index, process_count=process_count, local_batch=b)
   fn = make_eval_example_fn(source.loader("eval"), out_size, data_config.max_boxes)
-  ds = ds.map(no_autograph(fn), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(T.no_autograph(fn), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(b, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 

@@ -54,9 +54,6 @@ VOC_NAMES = (
 )  # fmt: skip
 
 _NO_SIZE = (-1, -1)
-# Functions traced by tf.data here have no Python control flow on tensors; AutoGraph's source
-# transformation would only slow down building the pipeline.
-_no_autograph = tf.autograph.experimental.do_not_convert
 _FOREVER = 2**62
 
 
@@ -167,7 +164,7 @@ class TableSource:
       i = tf.random.experimental.index_shuffle(g % n, epoch_seed, tf.constant(n - 1, tf.int64))
       return g, dict(index=i)
 
-    return tf.data.Dataset.range(start, _FOREVER).map(_no_autograph(lookup))
+    return tf.data.Dataset.range(start, _FOREVER).map(transforms.no_autograph(lookup))
 
   def eval_records(self, *, process_index, process_count, local_batch):
     """(lazy record, mask) of this host: images p, p + P, ... then padding (mask False)."""
@@ -301,7 +298,7 @@ class TfdsSource:
     ds = builder.as_dataset(
       split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
     )
-    return ds.map(_no_autograph(self._to_record), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(transforms.no_autograph(self._to_record), num_parallel_calls=tf.data.AUTOTUNE)
 
   def _to_record(self, ex):
     objects = ex["objects"]
@@ -376,10 +373,10 @@ class TfdsSource:
     def epoch(e):
       return base.shuffle(buffer, seed=seed0 + e * 1_000_003, reshuffle_each_iteration=False)
 
-    records = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(_no_autograph(epoch))
+    records = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(transforms.no_autograph(epoch))
     records = records.skip(offset)
     keys = tf.data.Dataset.range(start, _FOREVER).map(
-      _no_autograph(lambda k: k * process_count + process_index)
+      transforms.no_autograph(lambda k: k * process_count + process_index)
     )
     return tf.data.Dataset.zip(keys, records)
 
@@ -392,7 +389,7 @@ class TfdsSource:
     n = self._cardinality(ds, f"eval shard {process_index}")
     if n > slots:
       raise ValueError(f"TFDS eval shard {process_index} has {n} > {slots} examples.")
-    ds = ds.map(_no_autograph(lambda r: (r, tf.constant(True))))
+    ds = ds.map(transforms.no_autograph(lambda r: (r, tf.constant(True))))
     pad = tf.data.Dataset.from_tensors((_empty_record(), tf.constant(False))).repeat(slots - n)
     return ds.concatenate(pad)
 
@@ -426,7 +423,7 @@ class TfdsSource:
     images, annotations = [], []
     seen = set()
     to_cat = self.labels.label_to_category_id
-    fields = _no_autograph(fields)
+    fields = transforms.no_autograph(fields)
     for r in raw.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
       iid = int(r["image_id"])
       if iid in seen:
