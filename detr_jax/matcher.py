@@ -19,7 +19,7 @@ scipy also implements), written for a batch of problems:
   labels, and visits the cheapest unvisited column (a free one among equal labels). A free
   column ends the search: columns on the path (read off the ancestor mask, no sequential walk)
   take their new rows and visited columns get `v -= min_label - label`, both O(Q).
-* Problems are solved in `S` slots (S about N/4, see `_num_slots`) fed from a queue sorted by
+* Problems are solved in `S` slots (S about N/6, see `_num_slots`) fed from a queue sorted by
   number of valid targets, largest first; a slot that finishes its problem writes the result
   back and takes the next one in the same loop step. A step costs O(S * Q), and the trip count
   is about max(steps of the largest problem, total steps / S), where the steps of a problem
@@ -27,23 +27,24 @@ scipy also implements), written for a batch of problems:
   never queued, so padding costs neither loop steps nor work; a problem with no valid target
   costs nothing. Worst case a problem with n valid rows takes O(n^2) steps, O(n^2 Q) time, as
   for scipy.
-* Arithmetic is float32 without a row/column reduction pass over the whole `[N, T, Q]` array
-  (that pass would cost more than the solve). The gathered rows are checked as they are used:
-  if a valid row holds a non-finite value or a magnitude outside [2^-64, 2^64] (where float32
-  dual arithmetic would overflow or flush to zero), the problem batch is re-solved once on a
-  sanitized copy (scaled by a power of two, non-finite entries replaced as below).
+* Arithmetic is float32 without any pass over the whole `[N, T, Q]` array (on the CPU such a
+  pass, e.g. a row minimum, costs as much as the whole solve). The gathered rows are checked as
+  they are used: if a valid row holds a non-finite value or a nonzero magnitude outside
+  [2^-64, 2^64] (where float32 dual arithmetic could overflow or flush to zero), the batch is
+  solved a second time with every gathered row mapped through its problem's sanitization:
+  scaled by a power of two to max |cost| in [0.5, 1), non-finite entries replaced as below.
 
 `"scipy"`: `scipy.optimize.linear_sum_assignment` on each problem's valid rows, in float64, via
 one `jax.pure_callback` per call (under `jax.vmap` as well: the callback receives the whole
 batch and converts it to NumPy once).
 
-`"auto"`: on the CPU backend `"jax"`: measured on the project's 2-core CPU (docs/benchmarks.md,
-`python benchmarks/matcher.py`), 216 DETR-like problems (36 images x 6 layers, T = Q = 100,
-COCO-like target counts) take about 1.0 ms with `"jax"` against about 2.6 ms through the scipy
-callback (2.4 ms of which is the plain scipy loop), and 384 problems 1.5 ms against 4.4 ms.
-On other backends (GPU/TPU) also `"jax"`: it stays on the device (a callback would copy the
-cost matrix to the host every step and serialize on one host thread). That choice is not
-measured: no accelerator was available when this was written.
+`"auto"`: `"jax"` on the CPU backend, measured on the project's 2-core CPU (docs/benchmarks.md,
+`python benchmarks/matcher.py`; best of 200 runs, the box shared with other jobs): 216
+DETR-like problems (36 images x 6 layers, T = Q = 100, COCO-like target counts) take 1.7 ms with
+`"jax"` against 4.3 ms through the scipy callback (2.4 ms of which is the bare scipy loop), 384
+problems 3.5 ms against 11.4 ms. On other backends (GPU/TPU) also `"jax"`, but unmeasured (no
+accelerator was available): it needs no device-host round trip inside the step and no host
+callbacks that serialize across devices; re-run the benchmark there to confirm.
 
 Semantics shared by both methods
 --------------------------------
@@ -54,13 +55,15 @@ Semantics shared by both methods
   whatever their costs and wherever they sit in the padding pattern.
 * Non-finite costs: a problem's NaN and +inf entries are replaced by `hi + D` and -inf entries
   by `lo - D`, where `lo`/`hi` are the smallest/largest finite costs among its valid rows and
-  `D = (min(n, Q) + 1) * (hi - lo)` (or `|hi|` or 1 when that is 0); the result is the optimal
-  assignment of that finite matrix. So the matcher first minimizes (number of NaN/+inf entries
-  used - number of -inf entries used), then the finite cost; it never hangs or fails.
+  `D = (min(n, Q) + 1) * (hi - lo)` (or `max(|lo|, |hi|)`, or 1, when that is 0); the result is
+  the optimal assignment of that finite matrix. So the matcher first minimizes (number of
+  NaN/+inf entries used - number of -inf entries used), then the finite cost (NaN/+inf counted
+  as `hi`, -inf as `lo`); it never hangs or fails. Subnormal costs may count as 0.
 * Ties: any optimal assignment may be returned; the two methods can differ on ties.
 * Precision: "jax" is exact up to float32 rounding of the dual updates: in the tests its total
   cost equals scipy's float64 optimum to a relative 1e-6 (of the sum of |cost| over the matched
-  entries). Integer-valued costs below 2^24 in magnitude are solved exactly.
+  entries). Integer-valued costs with |cost| * (min(n, Q) + 1) < 2^24 are solved exactly (all
+  dual arithmetic stays on exact integers).
 * No gradient flows through matching (the cost is wrapped in `stop_gradient`); the result is
   int32.
 """
@@ -411,7 +414,7 @@ def _augment(cost, row_bits, n_rows, colok, fix):
     blocked=blocked_of(p0),  # visited or unusable columns
     anc=jnp.zeros((s, c, w), jnp.uint32),  # columns on the path to each visited column
   )
-  max_steps = n * r * c + 1
+  max_steps = min(n * r * c + 1, 2**31 - 1)  # never reached: each step visits a new column
 
   def cond(st):
     return jnp.any(st["p"] < n) & (st["it"] < max_steps)
