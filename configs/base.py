@@ -88,8 +88,8 @@ def get_data_config():
       synthetic_seed=0,
       max_boxes=100,  # static target padding; extra objects are dropped and counted
       shuffle_buffer=1024,  # TFDS sources only; folders and synthetic shuffle whole epochs
-      # Augmentations (training only), in order: [mosaic] -> flip -> [crop] -> resize to
-      # config.image_size -> [photometric] -> ImageNet normalization.
+      # Augmentations (training only), in order: [mosaic] -> flip -> [crop] -> [photometric,
+      # per source image] -> resize to config.image_size -> ImageNet normalization.
       hflip_prob=0.5,
       # The reference's RandomSelect: with crop_prob, resize the shorter side to one of
       # crop_resize_sizes and take a random crop whose sides are drawn from

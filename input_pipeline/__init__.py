@@ -42,14 +42,15 @@ Training chain (the reference DETR's, plus the seed re-implementation's mosaic; 
 configs/base.py for the fields): with `mosaic_prob` a 2x2 mosaic of four images (each
 flipped and cropped on its own) of the output size; else the image is flipped with
 `hflip_prob`; then with `crop_prob` a random-size crop; then resize to (H, W) without keeping
-the aspect ratio; optional photometric distortion; ImageNet normalization. Each image is
-decoded once (JPEGs only inside the crop window) and resampled once to its place in the
-output; the reference's multi-scale resize before a fixed-size resize would only change the
-interpolation, so it is not done. Boxes follow every step exactly, are clipped to the image,
-and are dropped when a crop leaves less than `min_visible_fraction` of their area or no area
-at all (a crop that would leave no box is not applied). Crowd (COCO) and difficult (VOC)
-objects are never training targets; they stay in `coco_gt` as `iscrowd` regions. Eval: the
-whole image resized to (H, W).
+the aspect ratio; ImageNet normalization. The optional photometric distortion applies to each
+source image (each part of a mosaic on its own) before it is resized. Each image is decoded
+once (JPEGs only inside the crop window) and resampled once to its place in the output (a
+mosaic that is cropped again is resampled twice); the reference's multi-scale resize before a
+fixed-size resize would only change the interpolation, so it is not done. Boxes follow every
+step exactly, are clipped to the image, and are dropped when a crop leaves less than
+`min_visible_fraction` of their area or no area at all (a crop that would leave no box is not
+applied). Crowd (COCO) and difficult (VOC) objects are never training targets; they stay in
+`coco_gt` as `iscrowd` regions. Eval: the whole image resized to (H, W).
 
 Determinism and resumption: every random choice is a stateless function of (seed, example
 position in the run); shuffling is a per-epoch permutation (folders, synthetic: the exact
