@@ -151,7 +151,7 @@ def _scipy_host(cost, valid):
     return out.reshape(valid.shape)
   # All valid rows at once (sorted by problem), then one slice per problem.
   prob, rows = np.nonzero(valids)
-  picked = costs[prob, rows]  # [M, Q]
+  picked = costs[prob, rows].astype(np.float64)  # [M, Q]
   finite = np.isfinite(picked).all(axis=1)
   counts = np.bincount(prob, minlength=n)
   ends = np.cumsum(counts)

@@ -160,6 +160,15 @@ def test_jit_and_vmap(method):
   np.testing.assert_array_equal(shared, fn(flat, np.broadcast_to(valid[0, 0], (64, 5))))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_low_precision_costs(method):
+  rng = np.random.default_rng(7)
+  cost = jnp.asarray(rng.random((P, 5, 12)), jnp.bfloat16)
+  valid = rng.random((P, 5)) < 0.8
+  out = matcher.assign(cost, valid, method)
+  _check_optimal(np.asarray(cost.astype(jnp.float32)), valid, out)
+
+
 def test_no_gradient_through_matching():
   rng = np.random.default_rng(2)
   cost = jnp.asarray(rng.random((P, 5, 12)).astype(np.float32))
