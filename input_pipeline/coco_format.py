@@ -55,28 +55,22 @@ class ExampleTable:
   def num_images(self):
     return len(self.image_ids)
 
-  def objects(self, i):
-    """(boxes `[n, 4]`, labels `[n]`, crowd `[n]`) of image i."""
-    s = slice(self.row_splits[i], self.row_splits[i + 1])
-    return self.boxes[s], self.labels[s], self.crowd[s]
-
 
 def build_table(rows):
   """An `ExampleTable` from a list of dicts with keys path, data, height, width, image_id,
   boxes (`[n, 4]` normalized xyxy), labels `[n]`, crowd `[n]`."""
-  counts = [len(r["labels"]) for r in rows]
+  image_bytes = np.empty(len(rows), dtype=object)  # 1-D even when all entries are b""
+  image_bytes[:] = [r["data"] for r in rows]
   boxes = [np.asarray(r["boxes"], np.float32).reshape(-1, 4) for r in rows]
   return ExampleTable(
     image_paths=np.asarray([r["path"] for r in rows], dtype=object),
-    image_bytes=np.asarray([r["data"] for r in rows] + [b""], dtype=object)[:-1],
+    image_bytes=image_bytes,
     sizes=np.asarray([(r["height"], r["width"]) for r in rows], np.int32).reshape(-1, 2),
     image_ids=np.asarray([r["image_id"] for r in rows], np.int64),
-    row_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-    boxes=np.concatenate(boxes + [np.zeros((0, 4), np.float32)]),
-    labels=np.concatenate([np.asarray(r["labels"], np.int32) for r in rows] + [[]]).astype(
-      np.int32
-    ),
-    crowd=np.concatenate([np.asarray(r["crowd"], bool) for r in rows] + [[]]).astype(bool),
+    row_splits=np.cumsum([0] + [len(r["labels"]) for r in rows]).astype(np.int64),
+    boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+    labels=np.asarray([v for r in rows for v in r["labels"]], np.int32),
+    crowd=np.asarray([v for r in rows for v in r["crowd"]], bool),
   )
 
 
