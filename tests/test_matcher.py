@@ -169,6 +169,18 @@ def test_low_precision_costs(method):
   _check_optimal(np.asarray(cost.astype(jnp.float32)), valid, out)
 
 
+def test_vmapped_scipy_is_one_callback(monkeypatch):
+  calls = []
+  host = matcher._scipy_host
+  monkeypatch.setattr(matcher, "_scipy_host", lambda c, v: calls.append(c.shape) or host(c, v))
+  rng = np.random.default_rng(8)
+  cost = rng.random((4, 3, 5, 6)).astype(np.float32)
+  valid = rng.random((4, 3, 5)) < 0.7
+  out = jax.jit(jax.vmap(jax.vmap(lambda c, v: matcher.assign(c, v, "scipy"))))(cost, valid)
+  assert calls == [(4, 3, 5, 6)]  # the whole batch in one host call
+  _check_optimal(cost, valid, out)
+
+
 def test_no_gradient_through_matching():
   rng = np.random.default_rng(2)
   cost = jnp.asarray(rng.random((P, 5, 12)).astype(np.float32))
