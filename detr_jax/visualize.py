@@ -20,6 +20,11 @@ _COLORS = [
 ]
 
 
+def label_color(label):
+  """The RGB color boxes of class `label` are drawn in."""
+  return _COLORS[int(label) % len(_COLORS)]
+
+
 def denormalize(image):
   """ImageNet-normalized float image [H, W, 3] -> uint8 [H, W, 3]."""
   x = np.asarray(image, np.float32) * IMAGENET_STD + IMAGENET_MEAN
@@ -44,7 +49,7 @@ def draw_detections(image, boxes, labels, scores, class_names, score_threshold=0
     if score < score_threshold:
       continue
     label = int(labels[i])
-    color = _COLORS[label % len(_COLORS)]
+    color = label_color(label)
     x0, y0, x1, y1 = (float(v) for v in boxes[i])
     draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
     name = class_names[label] if label < len(class_names) else str(label)

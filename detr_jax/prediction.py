@@ -1,0 +1,401 @@
+"""Detection on image files: the program behind predict.py.
+
+`predict_files(workdir, patterns, output_dir, ...)` restores a workdir's model, runs it on
+every image in fixed-size batches (the last one padded), and writes into `output_dir`:
+
+  detections.json          COCO results ({image_id, category_id, bbox [x, y, w, h], score})
+                           plus `category_name` and `file_name`, scores >= the threshold;
+  images/STEM.png          each image at its original size with the detections drawn;
+  attention/STEM.png,.npz  (with `attention`) panels of the top detections' attention maps
+                           (`detr_jax.attention_maps`) and the maps over the feature grid.
+
+Images are preprocessed like the eval split (`input_pipeline.transforms`: bilinear resize
+of the whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back
+to each image's original size. A file that cannot be decoded is logged and skipped.
+"""
+
+import collections
+import concurrent.futures
+import glob
+import io
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from PIL import Image
+
+import input_pipeline
+from detr_jax import (
+  attention_maps,
+  backbone,
+  checkpoint,
+  evaluation,
+  models,
+  postprocess,
+  sharding,
+  visualize,
+)
+from input_pipeline import coco_format, sources, transforms
+
+DETECTIONS_FILE = "detections.json"
+IMAGES_DIR = "images"
+ATTENTION_DIR = "attention"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and images.
+# ---------------------------------------------------------------------------------------------
+class UnreadableImageError(ValueError):
+  """A file that is not a decodable image."""
+
+
+def _image_extensions():
+  return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def list_images(patterns):
+  """Image paths (sorted, without duplicates) of files, directories and glob patterns.
+
+  A directory contributes its files with an image extension (not recursively); a file or a
+  glob contributes every file it names. A pattern that names nothing is an error.
+  """
+  extensions = _image_extensions()
+  paths = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      found = [
+        os.path.join(pattern, n)
+        for n in os.listdir(pattern)
+        if os.path.splitext(n)[1].lower() in extensions
+      ]
+    else:
+      found = glob.glob(pattern)
+    found = [p for p in found if os.path.isfile(p)]
+    if not found:
+      raise FileNotFoundError(f"No image files in {pattern!r}")
+    paths += found
+  return sorted(set(os.path.normpath(p) for p in paths))
+
+
+def image_ids(paths):
+  """COCO image ids: each file's name when every name is a distinct integer (as in COCO's
+  `000000000139.jpg`), otherwise 1..N in the order of `paths`."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+    return [int(s) for s in stems]
+  return list(range(1, len(paths) + 1))
+
+
+def load_image(path):
+  """Decodes an image file into uint8 [H, W, 3] RGB as the coco_folder pipeline does.
+
+  JPEG, PNG, GIF, BMP and WebP are decoded by TensorFlow (its JPEG decoder differs from
+  PIL's by a few levels); other formats PIL reads are converted to RGB by PIL. Alpha is
+  dropped. Raises `UnreadableImageError` if the file is not a readable image.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format not in coco_format.TF_IMAGE_FORMATS:
+        image.load()
+        return np.asarray(image.convert("RGB"))
+      size = (image.height, image.width)
+    decoded = transforms.decode_window(tf.constant(data), transforms.full_window(size))
+    return decoded.numpy()
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, tf.errors.OpError) as e:
+    raise UnreadableImageError(f"{type(e).__name__}: {e}".strip()) from e
+
+
+def preprocess(image, image_size):
+  """uint8 [H, W, 3] -> float32 [*image_size, 3]: the eval split's resize and normalization."""
+  resized = transforms.resize(image, tuple(int(v) for v in image_size))
+  return transforms.normalize(resized).numpy()
+
+
+def _output_names(paths, ids):
+  """A PNG file name per input: STEM.png, or STEM_ID.png when stems repeat."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  counts = collections.Counter(stems)
+  return [f"{s}.png" if counts[s] == 1 else f"{s}_{i}.png" for s, i in zip(stems, ids)]
+
+
+def _load_in_order(paths, image_size, pool, window):
+  """Yields (index, original uint8 image or None, preprocessed image or the error) in order,
+  with up to `window` files being decoded ahead."""
+
+  def work(path):
+    try:
+      image = load_image(path)
+    except UnreadableImageError as e:
+      return None, str(e)
+    return image, preprocess(image, image_size)
+
+  pending = collections.deque()
+  for i, path in enumerate(paths):
+    pending.append((i, pool.submit(work, path)))
+    if len(pending) >= window:
+      j, future = pending.popleft()
+      yield (j, *future.result())
+  while pending:
+    j, future = pending.popleft()
+    yield (j, *future.result())
+
+
+def _batches(paths, image_size, batch_size, pool, skipped):
+  """Yields lists of up to `batch_size` (index, original uint8 image, preprocessed image),
+  only the last one short; unreadable files are logged and appended to `skipped`."""
+  batch = []
+  for i, original, pre in _load_in_order(paths, image_size, pool, 2 * batch_size):
+    if original is None:
+      logging.warning("Skipping %s: %s", paths[i], pre)
+      skipped.append((paths[i], pre))
+      continue
+    batch.append((i, original, pre))
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Model.
+# ---------------------------------------------------------------------------------------------
+def restore_model(workdir, step=None, overrides=(), mesh=None):
+  """The model and variables of a workdir's checkpoint `step` (default: the latest).
+
+  Returns:
+    (config with `overrides` applied, model, variables replicated over `mesh`, step).
+  """
+  config = evaluation.apply_overrides(checkpoint.load_config(workdir), overrides)
+  mesh = mesh or sharding.create_mesh()
+  model = models.build_model(config.model)
+  abstract = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
+  )
+  repl = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in steps:
+    raise FileNotFoundError(
+      f"No checkpoint {'' if step is None else step} in {workdir}; have {steps}"
+    )
+  variables = checkpoint.restore(manager, step, variables=abstract)["variables"]
+  manager.close()
+  return config, model, variables, step
+
+
+def class_space(data_config):
+  """(class_names, label_to_category_id int64 [K]) of the data a model was trained on.
+
+  `input_pipeline.get_dataset_info` also counts the examples, which for the TFDS sources
+  (coco, voc) needs the prepared dataset; their label space is fixed, so it is taken from the
+  source without reading data: predicting with imported COCO weights needs no COCO download.
+  A coco_folder's annotations are read again (images only to their headers).
+  """
+  if data_config.name in ("coco", "voc"):
+    labels = sources.build_source(data_config).labels
+  else:
+    data_config = ml_collections.ConfigDict(data_config.to_dict())
+    data_config.verify_images = False  # coco_folder: headers suffice for the label space
+    labels = input_pipeline.get_dataset_info(data_config)
+  return list(labels.class_names), np.asarray(labels.label_to_category_id)
+
+
+def make_predict_fn(model, grid=None, num_attention=0):
+  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections,
+  plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top queries
+  over the feature `grid` (h, w)."""
+  if not num_attention:
+    return evaluation.make_predict_fn(model)
+
+  @jax.jit
+  def predict(variables, images, orig_sizes):
+    out, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+    det = postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
+    maps = attention_maps.select_maps(
+      state["intermediates"], det["scores"], out["pred_boxes"], grid, num_attention
+    )
+    return {**det, "attention": maps}
+
+  return predict
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs.
+# ---------------------------------------------------------------------------------------------
+def _write_atomic(path, write):
+  """Calls `write(file)` on a temporary binary file, then renames it to `path`."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def _save_png(path, image):
+  _write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def _save_attention(out_dir, name, image, det, b, maps, score_threshold, class_names):
+  """The attention panel and maps of image `b` of a batch (top queries at or above the
+  threshold; at least the best one)."""
+  queries = maps["queries"][b]
+  scores = det["scores"][b, queries]
+  keep = scores >= score_threshold
+  keep[0] = True
+  queries = queries[keep]
+  boxes = det["boxes"][b, queries]
+  labels = det["labels"][b, queries]
+  h, w = image.shape[:2]
+  gh, gw = maps["decoder"].shape[-2:]
+  cells = maps["cells"][b][keep]
+  points = np.stack([(cells[:, 1] + 0.5) * w / gw, (cells[:, 0] + 0.5) * h / gh], axis=-1)
+  decoder, encoder = maps["decoder"][b][keep], maps["encoder"][b][keep]
+  panel = attention_maps.draw_panel(
+    image, boxes, labels, scores[keep], class_names, decoder, encoder, points
+  )
+  stem = os.path.splitext(name)[0]
+  _save_png(os.path.join(out_dir, name), panel)
+  _write_atomic(
+    os.path.join(out_dir, stem + ".npz"),
+    lambda f: np.savez_compressed(
+      f,
+      queries=queries,
+      scores=scores[keep],
+      labels=labels,
+      boxes=boxes,
+      cells=cells,
+      points=points,
+      decoder=decoder,
+      encoder=encoder,
+    ),
+  )
+
+
+def predict_files(
+  workdir,
+  patterns,
+  output_dir,
+  *,
+  step=None,
+  score_threshold=0.5,
+  batch_size=8,
+  attention=False,
+  num_attention=3,
+  overrides=(),
+):
+  """Detects objects in image files with a workdir's checkpoint (see the module docstring).
+
+  Returns:
+    dict: `step`, `num_images` (processed), `num_detections` (in the JSON), `skipped` (list of
+    (path, reason) for files that could not be read).
+  """
+  # ---- Model, classes, files -----------------------------------------------------------
+  overrides = list(overrides)
+  if attention:
+    overrides.append("model.attention=xla")  # "cudnn" computes no attention probabilities
+  mesh = sharding.create_mesh()
+  config, model, variables, step = restore_model(workdir, step, overrides, mesh)
+  class_names, cat_ids = class_space(config.data)
+  cat_names = {int(c): n for c, n in zip(cat_ids, class_names)}
+  image_size = tuple(int(v) for v in config.image_size)
+  stride = backbone.output_stride(config.model.dilation)
+  grid = (image_size[0] // stride, image_size[1] // stride)
+  k = min(num_attention, config.model.num_queries) if attention else 0
+  predict = make_predict_fn(model, grid, k)
+  n_dev = jax.device_count()
+  if batch_size % n_dev:
+    batch_size += n_dev - batch_size % n_dev
+    logging.info("Batch size rounded up to %d, a multiple of the %d devices", batch_size, n_dev)
+
+  paths = list_images(patterns)
+  ids = image_ids(paths)
+  names = _output_names(paths, ids)
+  resolved_inputs = {os.path.realpath(p) for p in paths}
+  for sub in [IMAGES_DIR] + ([ATTENTION_DIR] if attention else []):
+    os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+  for name in names:
+    if os.path.realpath(os.path.join(output_dir, IMAGES_DIR, name)) in resolved_inputs:
+      raise ValueError(f"Output {name} in {output_dir} would overwrite an input image")
+  logging.info("Predicting %d images with %s step %d", len(paths), workdir, step)
+
+  # ---- Batches -------------------------------------------------------------------------
+  results, skipped, writes = [], [], collections.deque()
+  done, start, last_log = 0, time.time(), 0.0
+  data_sharding = sharding.data_sharding(mesh)
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    for batch in _batches(paths, image_size, batch_size, pool, skipped):
+      n = len(batch)
+      images = np.zeros((batch_size, *image_size, 3), np.float32)
+      sizes = np.ones((batch_size, 2), np.int32)
+      for b, (_, original, pre) in enumerate(batch):
+        images[b], sizes[b] = pre, original.shape[:2]
+      det = predict(variables, jax.device_put(images, data_sharding), sizes)
+      det = jax.tree.map(np.asarray, jax.device_get(det))
+      maps = det.pop("attention", None)
+      batch_ids = np.array([ids[i] for i, _, _ in batch] + [0] * (batch_size - n))
+      mask = np.arange(batch_size) < n
+      for r in postprocess.to_coco_results(det, batch_ids, cat_ids, mask):
+        if r["score"] >= score_threshold:
+          results.append(r)
+      for b, (i, original, _) in enumerate(batch):
+        drawing = visualize.draw_detections(
+          original,
+          det["boxes"][b],
+          det["labels"][b],
+          det["scores"][b],
+          class_names,
+          score_threshold,
+        )
+        png = os.path.join(output_dir, IMAGES_DIR, names[i])
+        writes.append(pool.submit(_save_png, png, drawing))
+        if maps is not None:
+          attention_dir = os.path.join(output_dir, ATTENTION_DIR)
+          args = (attention_dir, names[i], original, det, b, maps, score_threshold)
+          writes.append(pool.submit(_save_attention, *args, class_names))
+      while len(writes) > 4 * batch_size:  # bounds the memory of pending drawings
+        writes.popleft().result()
+      done += n
+      if time.time() - last_log > 10 or done + len(skipped) == len(paths):
+        last_log = time.time()
+        logging.info(
+          "Predicted %d/%d images (%d skipped, %.1f images/s)",
+          done + len(skipped),
+          len(paths),
+          len(skipped),
+          done / (last_log - start),
+        )
+    while writes:
+      writes.popleft().result()
+
+  # ---- Detections JSON -----------------------------------------------------------------
+  file_names = {ids[i]: os.path.basename(p) for i, p in enumerate(paths)}
+  for r in results:
+    r["category_name"] = cat_names[r["category_id"]]
+    r["file_name"] = file_names[r["image_id"]]
+  _write_atomic(
+    os.path.join(output_dir, DETECTIONS_FILE), lambda f: f.write(json.dumps(results).encode())
+  )
+  summary = {
+    "step": step,
+    "num_images": done,
+    "num_detections": len(results),
+    "skipped": skipped,
+  }
+  logging.info(
+    "Wrote %d detections of %d images to %s; skipped %d unreadable file(s)%s",
+    len(results),
+    done,
+    output_dir,
+    len(skipped),
+    "".join(f"\n  {p}: {why}" for p, why in skipped),
+  )
+  return summary
