@@ -12,13 +12,14 @@ scipy also implements), written for a batch of problems:
 
 * Each problem keeps column duals `v [Q]`, the row of each column `row4col [Q]` and, while it
   grows one augmenting path, the Dijkstra labels of the columns (shortest reduced path cost,
-  predecessor column, visited flag) and a 128-bit ancestor mask per column. Row duals are never
-  stored: a matched row is tight on its column, so `u[i] = cost[i, col[i]] - v[col[i]]` is
-  recomputed when the row is reached, and the free row starts at `u = 0` (feasible because
-  `v <= 0`). One loop step relaxes one row (O(Q)): it gathers that row of `cost`, updates the
-  labels, and visits the cheapest unvisited column (a free one among equal labels). A free
-  column ends the search: columns on the path (read off the ancestor mask, no sequential walk)
-  take their new rows and visited columns get `v -= min_label - label`, both O(Q).
+  predecessor column, visited flag) and a bit mask of each column's path ancestors
+  (ceil(Q / 32) uint32 words). Row duals are never stored: a matched row is tight on its
+  column, so `u[i] = cost[i, col[i]] - v[col[i]]` is recomputed when the row is reached, and the
+  free row starts at `u = 0` (feasible because `v <= 0`). One loop step relaxes one row
+  (O(Q)): it gathers that row of `cost`, updates the labels, and visits the cheapest unvisited
+  column (a free one among equal labels). A free column ends the search: columns on the path
+  (read off the ancestor mask, no sequential walk) take their new rows and visited columns get
+  `v -= min_label - label`, both O(Q).
 * Problems are solved in `S` slots (S about N/6, see `_num_slots`) fed from a queue sorted by
   number of valid targets, largest first; a slot that finishes its problem writes the result
   back and takes the next one in the same loop step. A step costs O(S * Q), and the trip count
@@ -26,9 +27,12 @@ scipy also implements), written for a batch of problems:
   are its number of valid rows plus the extra Dijkstra steps for conflicts. Padded targets are
   never queued, so padding costs neither loop steps nor work; a problem with no valid target
   costs nothing. Worst case a problem with n valid rows takes O(n^2) steps, O(n^2 Q) time, as
-  for scipy.
-* Arithmetic is float32 without any pass over the whole `[N, T, Q]` array (on the CPU such a
-  pass, e.g. a row minimum, costs as much as the whole solve). The gathered rows are checked as
+  for scipy. Under `jax.vmap` the mapped axis becomes one more batch dim (`custom_vmap`), so
+  vmapped calls run the same batched solver, not a batched while loop.
+* Static T > Q: problems with more than Q valid targets are solved transposed (queries as
+  rows); both orientations share one [N, T, T] working array.
+* Arithmetic is float32 without any pass over the whole `[N, T, Q]` array (on the CPU a row
+  argmin over [216, 100, 100] alone takes about 3 ms, twice the whole solve). Rows are checked as
   they are used: if a valid row holds a non-finite value or a nonzero magnitude outside
   [2^-64, 2^64] (where float32 dual arithmetic could overflow or flush to zero), the batch is
   solved a second time with every gathered row mapped through its problem's sanitization:
