@@ -11,7 +11,7 @@ Resumes from the latest checkpoint in --workdir. Multi-host: on Cloud TPU pods a
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from detr_jax import sharding, trainer
+from detr_jax import checkpoint, sharding, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -22,17 +22,10 @@ flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-h
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def quiet_orbax():
-  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-  logging.get_absl_handler().addFilter(
-    lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.WARNING
-  )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_orbax()
+  checkpoint.quiet_orbax_logging()
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info("Finished at step %d: %s", result["step"], result["eval"] or result["train"])

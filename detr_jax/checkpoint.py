@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -84,3 +85,10 @@ def write_variables(workdir, variables, config, step=0):
   save(manager, step, variables=variables, meta={"step": step}, force=True)
   manager.wait_until_finished()
   manager.close()
+
+
+def quiet_orbax_logging():
+  """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show)."""
+  logging.get_absl_handler().addFilter(
+    lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.WARNING
+  )

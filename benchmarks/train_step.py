@@ -1,0 +1,197 @@
+"""Times DETR's full training step, ours (JAX) and optionally the transformers PyTorch DETR.
+
+Ours: forward, Hungarian matching of all decoder layers, set loss, backward, clipped AdamW
+update -- one jitted, donated step. FLOPs come from XLA's cost analysis of that step; the
+machine's float32 matmul peak is measured here with a large jnp.dot.
+
+Reference (--torch): transformers' DetrForObjectDetection (random init, nothing downloaded,
+transformers-native ResNet-50, FrozenBatchNorm, stem and layer1 frozen) with its reference
+loss (scipy Hungarian matching, auxiliary losses), AdamW and gradient clip 0.1.
+
+  python benchmarks/train_step.py --size 512 --batch 2 --torch
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import base
+from detr_jax import loss as loss_lib
+from detr_jax import models, optim
+
+
+def matmul_peak(n=2048, dtype=jnp.float32, reps=10):
+  """Measured FLOP/s of a large jitted matmul (the machine's practical peak)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return 2 * n**3 / np.median(ts)
+
+
+def _batch(batch, size, num_targets=8, seed=0):
+  rng = np.random.default_rng(seed)
+  valid = np.zeros((batch, 16), bool)
+  valid[:, :num_targets] = True
+  boxes = np.concatenate(
+    [rng.uniform(0.2, 0.8, (batch, 16, 2)), rng.uniform(0.05, 0.3, (batch, 16, 2))], -1
+  )
+  return {
+    "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+    "labels": rng.integers(1, 91, (batch, 16)).astype(np.int32),
+    "boxes": boxes.astype(np.float32),
+    "valid": valid,
+  }
+
+
+def time_ours(size, batch, dtype, matcher, steps, remat=False):
+  """(median seconds per step, XLA FLOPs per step) of our jitted train step."""
+  config = base.get_config()
+  config.model.dtype = dtype
+  config.model.remat = remat
+  config.loss.matcher = matcher
+  model = models.build_model(config.model)
+  variables = models.init_variables(model, jax.random.key(0), (size, size))
+  tx, _ = optim.create_optimizer(
+    variables["params"],
+    learning_rate=1e-4,
+    backbone_lr_mult=1.0,
+    weight_decay=1e-4,
+    grad_clip_norm=0.1,
+    backbone_trainable=tuple(config.model.backbone_trainable),
+    steps_per_epoch=1000,
+    lr_drop_epochs=400,
+    lr_drop_factor=0.1,
+  )
+  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
+
+  def step(state, batch, rng):
+    params, opt_state = state
+
+    def f(p):
+      out = model.apply(
+        {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
+      )
+      return loss_fn(out, batch)[0]
+
+    loss, grads = jax.value_and_grad(f)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  step = jax.jit(step, donate_argnums=0)
+  state = (variables["params"], tx.init(variables["params"]))
+  data = jax.device_put(_batch(batch, size))
+  rng = jax.random.key(1)
+  compiled = step.lower(state, data, rng).compile()
+  flops = compiled.cost_analysis().get("flops", float("nan"))
+  state, loss = step(state, data, rng)
+  loss.block_until_ready()
+  ts = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, loss = step(state, data, rng)
+    loss.block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts)), flops
+
+
+def time_torch(size, batch, steps, autocast=False):
+  """Median seconds per step of the transformers PyTorch DETR with the reference loss."""
+  import torch
+  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  cfg = DetrConfig(
+    use_timm_backbone=False,
+    use_pretrained_backbone=False,
+    backbone_config=ResNetConfig(out_features=["stage4"]),
+    num_labels=91,
+    auxiliary_loss=True,
+  )
+  model = DetrForObjectDetection(cfg).to(device).train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+  data = _batch(batch, size)
+  images = torch.from_numpy(data["image"].transpose(0, 3, 1, 2).copy()).to(device)
+  targets = [
+    {
+      "class_labels": torch.from_numpy(lab[v]).long().to(device),
+      "boxes": torch.from_numpy(b[v]).to(device),
+    }
+    for lab, b, v in zip(data["labels"], data["boxes"], data["valid"])
+  ]
+
+  def step():
+    # With labels, transformers computes the reference loss itself: scipy Hungarian matching
+    # per image and layer, weighted CE (eos 0.1), L1 x5, GIoU x2, auxiliary losses.
+    with torch.autocast(device, enabled=autocast, dtype=torch.bfloat16):
+      loss = model(pixel_values=images, labels=targets).loss
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.1)
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  step()
+  ts = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--size", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--matcher", default="auto")
+  parser.add_argument("--remat", action="store_true")
+  parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+  parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
+  args = parser.parse_args()
+
+  peak = matmul_peak()
+  print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+  t, flops = time_ours(args.size, args.batch, args.dtype, args.matcher, args.steps, args.remat)
+  rows = [("detr_jax", args.dtype, t, flops / t / peak)]
+  if args.torch:
+    rows.append(
+      ("torch (transformers)", "float32", time_torch(args.size, args.batch, args.steps), None)
+    )
+    if args.autocast:
+      rows.append(
+        (
+          "torch (transformers)",
+          "bf16 autocast",
+          time_torch(args.size, args.batch, args.steps, autocast=True),
+          None,
+        )
+      )
+  print(
+    f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, "
+    f"XLA FLOPs/step {flops / 1e9:.1f} G"
+  )
+  print("| implementation | compute | s/step | images/s | FLOP/s vs peak | vs torch fp32 |")
+  print("|---|---|---|---|---|---|")
+  ref = rows[1][2] if len(rows) > 1 else None
+  for name, dtype, t, util in rows:
+    ratio = f"{t / ref:.2f}x" if ref else "-"
+    util_s = f"{100 * util:.0f}%" if util is not None else "-"
+    print(f"| {name} | {dtype} | {t:.3f} | {args.batch / t:.2f} | {util_s} | {ratio} |")
+
+
+if __name__ == "__main__":
+  main()
