@@ -18,7 +18,7 @@ Timed (each jitted and warmed up first, median of `--repeats` runs, min in paren
     rows; optax has no row mask, so it always solves the full 100 x 100 problem).
 
   python benchmarks/matcher.py                      # the table in docs/benchmarks.md
-  python benchmarks/matcher.py --sweep_slots        # loop-slot count tuning (`_num_slots`)
+  python benchmarks/matcher.py --sweep_slots        # slot counts of the two solver loops
 """
 
 import argparse
@@ -142,22 +142,22 @@ def run(images, layers, repeats, optax_repeats, seed):
   return results, counts, worst
 
 
-def sweep_slots(images, layers, repeats, seed, slot_counts):
-  """Time of the batched jax matcher for fixed slot counts S."""
+def sweep_slots(images, layers, repeats, seed, slot_counts, which):
+  """Time of the batched jax matcher with `matcher.<which>` (a slot count rule) fixed to S."""
   rng = np.random.default_rng(seed)
   cost, valid, _ = detr_problems(rng, images, layers)
   n, t, q = images * layers, cost.shape[-2], cost.shape[-1]
   flat_c, flat_v = jnp.asarray(cost).reshape(n, t, q), jnp.asarray(valid).reshape(n, t)
   solve = matcher._solve_batch.__wrapped__  # not the module's jit: its trace caches S
-  original = matcher._num_slots
+  original = getattr(matcher, which)
   rows = []
   try:
     for s in slot_counts:
-      matcher._num_slots = lambda n, s=s: min(n, s)
+      setattr(matcher, which, lambda n, s=s: min(n, s))
       fn = jax.jit(lambda c, v: solve(c, v))  # a new function: no cached trace
       rows.append((s, timed(lambda fn=fn: fn(flat_c, flat_v), repeats)))
   finally:
-    matcher._num_slots = original
+    setattr(matcher, which, original)
   return rows
 
 
@@ -186,17 +186,19 @@ def main():
   print(machine())
 
   if args.sweep_slots:
-    for images in args.images:
-      n = images * args.layers
-      print(
-        f"\n{images} images x {args.layers} layers ({n} problems),"
-        f" default S = {matcher._num_slots(n)}"
-      )
-      print("| slots S | median ms | min ms |\n|---|---|---|")
-      for s, (med, best) in sweep_slots(
-        images, args.layers, args.repeats, args.seed, [8, 16, 24, 32, 40, 48, 64, 96]
-      ):
-        print(f"| {s} | {med * 1e3:.2f} | {best * 1e3:.2f} |")
+    for which in ("_greedy_slots", "_num_slots"):
+      for images in args.images:
+        n = images * args.layers
+        print(
+          f"\n{which}: {images} images x {args.layers} layers ({n} problems),"
+          f" default {getattr(matcher, which)(n)}"
+        )
+        print("| slots | median ms | min ms |\n|---|---|---|")
+        counts = [8, 16, 24, 32, 48, 64, 96]
+        for s, (med, best) in sweep_slots(
+          images, args.layers, args.repeats, args.seed, counts, which
+        ):
+          print(f"| {s} | {med * 1e3:.2f} | {best * 1e3:.2f} |")
     return
 
   columns, all_results = [], []
