@@ -51,9 +51,9 @@ batch and converts it to NumPy once).
 
 `"auto"`: `"jax"` on the CPU backend, measured on the project's 2-core CPU (docs/benchmarks.md,
 `python benchmarks/matcher.py`; best of 200 runs, the box shared with other jobs): 216
-DETR-like problems (36 images x 6 layers, T = Q = 100, COCO-like target counts) take 1.7 ms with
-`"jax"` against 4.3 ms through the scipy callback (2.4 ms of which is the bare scipy loop), 384
-problems 3.5 ms against 11.4 ms. On other backends (GPU/TPU) also `"jax"`, but unmeasured (no
+DETR-like problems (36 images x 6 layers, T = Q = 100, COCO-like target counts) take 1.5 ms with
+`"jax"` against 4.7 ms through the scipy callback (2.4 ms of which is the bare scipy loop), 384
+problems 2.4 ms against 8.1 ms. On other backends (GPU/TPU) also `"jax"`, but unmeasured (no
 accelerator was available): it needs no device-host round trip inside the step and no host
 callbacks that serialize across devices; re-run the benchmark there to confirm.
 
