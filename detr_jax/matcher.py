@@ -33,7 +33,10 @@ batch of N problems in two `lax.while_loop`s:
   are ceil(rows / 8) greedy steps, then one step per Dijkstra iteration for the rows left.
   Padded targets are never queued: padding costs neither loop steps nor work, and a problem
   with no valid target costs nothing. Worst case a problem with n valid rows takes
-  O(n min(n, Q)) Dijkstra steps, O(n min(n, Q) Q) time, as for scipy. Under `jax.vmap` the
+  O(n min(n, Q)) Dijkstra steps, O(n min(n, Q) Q) time, as for scipy, but a step of the
+  lock-step loop costs tens of microseconds on the CPU where scipy's costs well under one: a
+  batch of large problems whose rows all prefer the same columns (216 fully valid 100 x 100
+  problems with near-identical rows) takes 2.6 s against scipy's 0.5 s. Under `jax.vmap` the
   mapped axis becomes one more batch dim (`custom_vmap`), so vmapped calls run the same
   batched solver, not a batched while loop.
 * Static T > Q: problems with more than Q valid targets are solved transposed (queries as
