@@ -155,7 +155,7 @@ def _free_port():
 
 
 def test_two_processes_match_one_process(tmp_path):
-  steps = {"num_train_steps": 3, "eval_every_steps": 0, "checkpoint_every_steps": 3}
+  steps = {"num_train_steps": 3, "eval_every_steps": 3, "checkpoint_every_steps": 3}
   single = str(tmp_path / "single")
   _run(single, steps, devices=8)
   multi = str(tmp_path / "multi")
@@ -177,6 +177,13 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(ref) == sorted(got) == [1, 2, 3]
   for step in ref:
     np.testing.assert_allclose(got[step], ref[step], rtol=1e-5, err_msg=f"step {step}")
+  # Evaluation over two hosts sees every image exactly once and scores like one host.
+  load = lambda d, what: json.load(open(os.path.join(d, "eval", f"step_3_{what}.json")))
+  m_single, m_multi = load(single, "metrics"), load(multi, "metrics")
+  assert m_single["num_images"] == m_multi["num_images"] == 12
+  np.testing.assert_allclose(m_multi["AP"], m_single["AP"], atol=1e-4)
+  ids = lambda d: sorted({r["image_id"] for r in load(d, "detections")})
+  assert ids(multi) == ids(single) and len(load(multi, "detections")) == 12 * 8
 
 
 def _tiny_config(**override):
@@ -222,3 +229,25 @@ def test_unknown_config_field_fails_at_start(tmp_path):
   config.model.hiden_dim = 3
   with pytest.raises(ValueError, match="model.hiden_dim"):
     trainer.validate_config(config, num_devices=1)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+  tmp_path, monkeypatch
+):
+  import input_pipeline
+  from detr_jax import checkpoint, trainer
+
+  make = input_pipeline.create_train_iterator
+
+  def poisoned(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(make(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step == 4:  # the 4th step sees a NaN image
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "create_train_iterator", poisoned)
+  config = _tiny_config(num_train_steps=6, eval_every_steps=0, log_every_steps=3)
+  with pytest.raises(FloatingPointError, match="Non-finite loss at step 4"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoint.create_manager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [2]  # step 4's checkpoint was never written
