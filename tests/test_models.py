@@ -69,7 +69,7 @@ def test_r50_outputs_match_transformers_detr_float32():
 
 
 def test_bfloat16_compute_within_documented_tolerance():
-  """bfloat16 compute (float32 params): logits within 0.1 and boxes within 0.02 of float32."""
+  """bfloat16 compute (float32 params): logits within 0.05 and boxes within 0.005 of float32."""
   config, variables, images, ref_logits, ref_boxes = _r50_parity_outputs()
   config = config.copy_and_resolve_references()
   config.dtype = "bfloat16"
@@ -78,8 +78,8 @@ def test_bfloat16_compute_within_documented_tolerance():
   assert out["pred_logits"].dtype == jnp.float32
   logit_err = np.abs(np.asarray(out["pred_logits"]) - ref_logits[-1]).max()
   box_err = np.abs(np.asarray(out["pred_boxes"]) - ref_boxes[-1]).max()
-  assert logit_err < 0.1, logit_err
-  assert box_err < 0.02, box_err
+  assert logit_err < 0.05, logit_err
+  assert box_err < 0.005, box_err
 
 
 def _torch_resnet50(sd, x, dilation):
