@@ -3,7 +3,7 @@
 python train.py --config configs/tiny.py --workdir /tmp/detr_tiny
 
 Measured on the 2-core CPU (with other jobs sharing it): COCO AP50 0.29 after 600 steps,
-0.48 after 1200 steps (22 minutes); see docs/benchmarks.md.
+0.48 after 1200 steps (25 minutes from the command); see docs/benchmarks.md.
 """
 
 from configs import base
