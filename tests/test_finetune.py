@@ -74,12 +74,24 @@ def _flat(tree):
 
 
 def test_finetune_from_pretrained_workdir_on_coco_folder(tmp_path):
-  # A "pretrained" workdir: random variables of the tiny model with 4 classes.
+  # A "pretrained" workdir: random variables of the tiny model with 4 classes (not
+  # initialized by the model, which would take a compile).
   config = evaluation.apply_overrides(
     tiny.get_config(), [f"{k}={v!r}" for k, v in {**MODEL, "model.num_classes": 4}.items()]
   )
   model = models.build_model(config.model)
-  pretrained = models.init_variables(model, jax.random.key(7), tuple(config.image_size))
+  abstract = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
+  )
+  rng = np.random.default_rng(7)
+  pretrained = {  # random values (finite outputs: small weights, positive BN variances)
+    "params": jax.tree.map(
+      lambda a: rng.normal(0, 0.02, a.shape).astype(a.dtype), abstract["params"]
+    ),
+    "batch_stats": jax.tree.map(
+      lambda a: rng.uniform(0.5, 1.5, a.shape).astype(a.dtype), abstract["batch_stats"]
+    ),
+  }
   pre_dir = str(tmp_path / "pretrained")
   checkpoint.write_variables(pre_dir, pretrained, config)
 
