@@ -12,11 +12,9 @@ self-attention at their centers). Unreadable files are reported and skipped. Ima
 the file names when all are integers (COCO style), else 1..N in sorted path order.
 """
 
-import logging as std_logging
-
 from absl import app, flags, logging
 
-from detr_jax import prediction
+from detr_jax import checkpoint, prediction
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir written by train.py or detr_jax.convert.")
@@ -34,10 +32,7 @@ flags.mark_flags_as_required(["workdir", "images", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Orbax's per-restore INFO chatter stays out of the log (warnings still show).
-  quiet = lambda r: "/orbax/" not in r.pathname or r.levelno >= std_logging.WARNING
-  for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
-    handler.addFilter(quiet)
+  checkpoint.quiet_orbax_logging()
   summary = prediction.predict_files(
     FLAGS.workdir,
     FLAGS.images,
