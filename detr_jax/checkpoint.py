@@ -8,11 +8,15 @@ complete, so a crash mid-save never leaves a checkpoint that a restart would loa
 """
 
 import json
+import logging as std_logging
 import os
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+
+from detr_jax import config_utils, models, sharding
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -90,5 +94,31 @@ def write_variables(workdir, variables, config, step=0):
 def quiet_orbax_logging():
   """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show)."""
   logging.get_absl_handler().addFilter(
-    lambda r: "/orbax/" not in r.pathname or r.levelno >= logging.WARNING
+    lambda r: "/orbax/" not in r.pathname or r.levelno >= std_logging.WARNING
   )
+
+
+def restore_model(workdir, step=None, overrides=(), mesh=None):
+  """The model and variables of a workdir's checkpoint `step` (default: the latest).
+
+  Returns:
+    (config with `overrides` applied, model, variables replicated over `mesh`, step).
+  """
+  config = config_utils.apply_overrides(load_config(workdir), overrides)
+  mesh = mesh or sharding.create_mesh()
+  model = models.build_model(config.model)
+  abstract = jax.eval_shape(
+    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
+  )
+  repl = sharding.replicated(mesh)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
+  manager = create_manager(workdir, read_only=True)
+  steps = manager.all_steps()
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in steps:
+    raise FileNotFoundError(
+      f"No checkpoint {'' if step is None else step} in {workdir}; have {steps}"
+    )
+  variables = restore(manager, step, variables=abstract)["variables"]
+  manager.close()
+  return config, model, variables, step

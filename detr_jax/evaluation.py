@@ -5,7 +5,6 @@ that every image is counted exactly once (batch padding is masked out), and proc
 computes the metrics.
 """
 
-import ast
 import contextlib
 import io
 import json
@@ -18,7 +17,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import input_pipeline
-from detr_jax import checkpoint, models, postprocess, sharding, visualize
+from detr_jax import checkpoint, postprocess, sharding, visualize
+from detr_jax.config_utils import apply_overrides  # noqa: F401  (re-exported)
 
 COCO_METRIC_NAMES = (
   "AP",
@@ -205,48 +205,15 @@ def write_results(workdir, step, metrics, results):
     os.replace(path + ".tmp", path)
 
 
-def apply_overrides(config, overrides):
-  """Applies `field.sub=value` strings; values parse as Python literals, else stay strings."""
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"Override {item!r} is not FIELD=VALUE")
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"Override {item!r}: config has no field {key!r}")
-    node[leaf] = value
-  return config
-
-
 def evaluate_workdir(workdir, step=None, overrides=()):
   """Evaluates checkpoint `step` (default: latest) of a workdir with its saved config.
 
   Prints the COCO table, writes the metrics and detections JSON into `workdir/eval`, and
   returns (metrics, step).
   """
-  config = apply_overrides(checkpoint.load_config(workdir), overrides)
   mesh = sharding.create_mesh()
+  config, model, variables, step = checkpoint.restore_model(workdir, step, overrides, mesh)
   info = input_pipeline.get_dataset_info(config.data)
-  model = models.build_model(config.model)
-  abstract = jax.eval_shape(
-    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
-  )
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-      f"No checkpoint {'' if step is None else step} in {workdir}; have {manager.all_steps()}"
-    )
-  variables = checkpoint.restore(manager, step, variables=abstract)["variables"]
   metrics, results, _, table = evaluate(make_predict_fn(model), variables, config, info, mesh)
   if jax.process_index() == 0:
     print(table)

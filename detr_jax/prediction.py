@@ -35,7 +35,6 @@ from detr_jax import (
   backbone,
   checkpoint,
   evaluation,
-  models,
   postprocess,
   sharding,
   visualize,
@@ -167,32 +166,6 @@ def _batches(paths, image_size, batch_size, pool, skipped):
 # ---------------------------------------------------------------------------------------------
 # Model.
 # ---------------------------------------------------------------------------------------------
-def restore_model(workdir, step=None, overrides=(), mesh=None):
-  """The model and variables of a workdir's checkpoint `step` (default: the latest).
-
-  Returns:
-    (config with `overrides` applied, model, variables replicated over `mesh`, step).
-  """
-  config = evaluation.apply_overrides(checkpoint.load_config(workdir), overrides)
-  mesh = mesh or sharding.create_mesh()
-  model = models.build_model(config.model)
-  abstract = jax.eval_shape(
-    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
-  )
-  repl = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  steps = manager.all_steps()
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in steps:
-    raise FileNotFoundError(
-      f"No checkpoint {'' if step is None else step} in {workdir}; have {steps}"
-    )
-  variables = checkpoint.restore(manager, step, variables=abstract)["variables"]
-  manager.close()
-  return config, model, variables, step
-
-
 def class_space(data_config):
   """(class_names, label_to_category_id int64 [K]) of the data a model was trained on.
 
@@ -303,7 +276,7 @@ def predict_files(
   if attention:
     overrides.append("model.attention=xla")  # "cudnn" computes no attention probabilities
   mesh = sharding.create_mesh()
-  config, model, variables, step = restore_model(workdir, step, overrides, mesh)
+  config, model, variables, step = checkpoint.restore_model(workdir, step, overrides, mesh)
   class_names, cat_ids = class_space(config.data)
   cat_names = {int(c): n for c, n in zip(cat_ids, class_names)}
   image_size = tuple(int(v) for v in config.image_size)
