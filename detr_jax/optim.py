@@ -59,7 +59,7 @@ def create_optimizer(
   )
   backbone_schedule = lambda step: backbone_lr_mult * schedule(step)
   labels = param_groups(params, backbone_trainable)
-  frozen = jax_tree_map_labels(labels, "frozen")
+  frozen = _label_mask(labels, "frozen")
   adamw = lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
   tx = optax.chain(
     optax.masked(optax.set_to_zero(), frozen),
@@ -76,7 +76,7 @@ def create_optimizer(
   return tx, schedule
 
 
-def jax_tree_map_labels(labels, value):
+def _label_mask(labels, value):
   """Boolean pytree: True where the label equals `value`."""
   flat = flax.traverse_util.flatten_dict(labels)
   return flax.traverse_util.unflatten_dict({k: v == value for k, v in flat.items()})

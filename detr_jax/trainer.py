@@ -202,7 +202,7 @@ def train_and_evaluate(config, workdir):
     updates, opt_state = tx.update(grads, state["opt_state"], variables["params"])
     params = optax.apply_updates(variables["params"], updates)
     step = state["step"]
-    metrics["grad_norm"] = optax.global_norm(
+    metrics["grad_norm"] = optax.tree.norm(
       jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
     )
     metrics["learning_rate"] = schedule(step)
