@@ -5,8 +5,13 @@ update -- one jitted, donated step. FLOPs come from XLA's cost analysis of that 
 machine's float32 matmul peak is measured here with a large jnp.dot.
 
 Reference (--torch): transformers' DetrForObjectDetection (random init, nothing downloaded,
-transformers-native ResNet-50, FrozenBatchNorm, stem and layer1 frozen) with its reference
-loss (scipy Hungarian matching, auxiliary losses), AdamW and gradient clip 0.1.
+transformers-native ResNet-50, FrozenBatchNorm) with its reference loss (scipy Hungarian
+matching, auxiliary losses), AdamW and gradient clip 0.1, set up to train what the reference
+DETR trains: transformers' own freezing rule matches no parameter name of its native ResNet
+("stage.1" vs "stages.1") and would freeze the whole backbone, so layer2..layer4 are
+unfrozen here (41,302,368 trainable parameters, as the reference and ours); and dropout 0.1
+also on attention weights and after the FFN activation, as the reference's
+nn.MultiheadAttention and FFN (transformers defaults those two to 0).
 
   python benchmarks/train_step.py --size 512 --batch 2 --torch
 """
@@ -22,6 +27,8 @@ import optax
 from configs import base
 from detr_jax import loss as loss_lib
 from detr_jax import models, optim
+
+REFERENCE_TRAINABLE = 41_302_368  # DETR-R50: everything but the stem and layer1
 
 
 def matmul_peak(n=2048, dtype=jnp.float32, reps=10):
@@ -115,9 +122,16 @@ def time_torch(size, batch, steps, autocast=False):
     backbone_config=ResNetConfig(out_features=["stage4"]),
     num_labels=91,
     auxiliary_loss=True,
+    attention_dropout=0.1,
+    activation_dropout=0.1,
   )
   model = DetrForObjectDetection(cfg).to(device).train()
+  for name, p in model.model.backbone.named_parameters():  # stages 1..3 = layer2..layer4
+    p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
   params = [p for p in model.parameters() if p.requires_grad]
+  num_trainable = sum(p.numel() for p in params)
+  if num_trainable != REFERENCE_TRAINABLE:
+    raise RuntimeError(f"torch DETR trains {num_trainable} parameters, not {REFERENCE_TRAINABLE}")
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
   data = _batch(batch, size)
   images = torch.from_numpy(data["image"].transpose(0, 3, 1, 2).copy()).to(device)

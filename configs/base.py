@@ -28,6 +28,9 @@ def get_model_config():
       dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
       remat=False,  # rematerialize transformer layers in the backward pass
       attention="xla",  # xla | cudnn (jax.nn.dot_product_attention implementation)
+      # Backbone convolutions: auto (matmul on CPU, xla elsewhere) | xla | matmul; see
+      # detr_jax/conv.py. Same function, different speed.
+      conv="auto",
     )
   )
 

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detr_jax import conv as conv_lib
+
 # (block kind, blocks per stage) for each depth.
 RESNET_SPECS = {
   "resnet18": ("basic", (2, 2, 2, 2)),
@@ -70,21 +72,27 @@ class FrozenBatchNorm(nn.Module):
     return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
-def _conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
-  """Bias-free conv with torchvision's symmetric padding `dilation * (kernel // 2)`."""
-  pad = dilation * (kernel // 2)
-  return nn.Conv(
-    features,
-    (kernel, kernel),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)),
-    kernel_dilation=(dilation, dilation),
-    use_bias=False,
-    kernel_init=_conv_init,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    name=name,
-  )
+class Conv(nn.Module):
+  """Bias-free k x k conv with torchvision's symmetric padding `dilation * (k // 2)`.
+
+  Holds `kernel` [k, k, C, K] (float32) like `nn.Conv`; computes with `conv.conv2d`, whose
+  `impl` picks XLA's convolution or the CPU matmul/Winograd path. x: [B, H, W, C].
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  dtype: jnp.dtype = jnp.float32
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    w = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    return conv_lib.conv2d(
+      x.astype(self.dtype), w.astype(self.dtype), self.stride, self.dilation, self.impl
+    )
 
 
 class BasicBlock(nn.Module):
@@ -96,16 +104,19 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
+  conv: str = "auto"
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    y = _conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+    y = Conv(self.features, 3, self.stride, dtype=self.dtype, impl=self.conv, name="conv1")(x)
     y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
-    y = _conv(self.features, 3, dtype=self.dtype, name="conv2")(y)
+    y = Conv(self.features, 3, dtype=self.dtype, impl=self.conv, name="conv2")(y)
     y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y)
     if self.downsample:
-      x = _conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+      x = Conv(
+        self.features, 1, self.stride, dtype=self.dtype, impl=self.conv, name="downsample_conv"
+      )(x)
       x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -119,18 +130,23 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
+  conv: str = "auto"
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    y = _conv(self.features, 1, dtype=self.dtype, name="conv1")(x)
+    y = Conv(self.features, 1, dtype=self.dtype, impl=self.conv, name="conv1")(x)
     y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
-    y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, name="conv2")(y)
+    y = Conv(
+      self.features, 3, self.stride, self.dilation, dtype=self.dtype, impl=self.conv, name="conv2"
+    )(y)
     y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y))
-    y = _conv(self.features * 4, 1, dtype=self.dtype, name="conv3")(y)
+    y = Conv(self.features * 4, 1, dtype=self.dtype, impl=self.conv, name="conv3")(y)
     y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn3")(y)
     if self.downsample:
-      x = _conv(self.features * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+      x = Conv(
+        self.features * 4, 1, self.stride, dtype=self.dtype, impl=self.conv, name="downsample_conv"
+      )(x)
       x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -146,6 +162,7 @@ class ResNet(nn.Module):
       runs through it.
     dtype: compute dtype.
     calibrate_bn: re-estimate every frozen BatchNorm's statistics from the input batch.
+    conv: convolution implementation, see `conv.conv2d` ("auto": per backend).
   """
 
   depth: str = "resnet50"
@@ -153,6 +170,7 @@ class ResNet(nn.Module):
   trainable: Sequence[str] = ("layer2", "layer3", "layer4")
   dtype: jnp.dtype = jnp.float32
   calibrate_bn: bool = False
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -174,7 +192,7 @@ class ResNet(nn.Module):
       return jax.lax.stop_gradient(y) if frozen_prefix else y
 
     x = x.astype(self.dtype)
-    x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
+    x = Conv(64, 7, 2, dtype=self.dtype, impl=self.conv, name="conv1")(x)
     x = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate_bn, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = maybe_stop("stem", x)
@@ -195,6 +213,7 @@ class ResNet(nn.Module):
           downsample=downsample,
           dtype=self.dtype,
           calibrate=self.calibrate_bn,
+          conv=self.conv,
           name=f"layer{i + 1}_{j}",
         )(x)
         in_features = features * block_cls.expansion

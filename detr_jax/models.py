@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax import backbone as backbone_lib
+from detr_jax import conv as conv_lib
 from detr_jax import position, transformer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -58,6 +59,7 @@ class DETR(nn.Module):
   dilation: bool = False
   backbone_trainable: Sequence[str] = ("layer2", "layer3", "layer4")
   attention: str = "xla"
+  conv: str = "auto"
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   calibrate_bn: bool = False  # see calibrate_batch_norm
@@ -81,6 +83,7 @@ class DETR(nn.Module):
       tuple(self.backbone_trainable),
       self.dtype,
       self.calibrate_bn,
+      self.conv,
       name="backbone",
     )(images)
     in_ch = feats.shape[-1]
@@ -135,6 +138,7 @@ def build_model(model_config):
   c = model_config
   if c.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={c.dtype!r}; choose from {sorted(_DTYPES)}")
+  conv_lib.resolve(c.conv)  # fails on an unknown implementation name
   if c.hidden_dim % c.num_heads:
     raise ValueError(f"config.model.hidden_dim={c.hidden_dim} not divisible by num_heads")
   if c.hidden_dim % 4:
@@ -153,6 +157,7 @@ def build_model(model_config):
     dilation=c.dilation,
     backbone_trainable=tuple(c.backbone_trainable),
     attention=c.attention,
+    conv=c.conv,
     remat=c.remat,
     dtype=_DTYPES[c.dtype],
   )
