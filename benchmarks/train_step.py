@@ -1,8 +1,11 @@
 """Times DETR's full training step, ours (JAX) and optionally the transformers PyTorch DETR.
 
 Ours: forward, Hungarian matching of all decoder layers, set loss, backward, clipped AdamW
-update -- one jitted, donated step. FLOPs come from XLA's cost analysis of that step; the
-machine's float32 matmul peak is measured here with a large jnp.dot.
+update -- one jitted, donated step. Two FLOP counts, both from XLA's cost analysis: the
+"model" FLOPs of the step with direct convolutions (`model.conv="xla"`, the arithmetic the
+reference does), and the "executed" FLOPs of the step as compiled (on CPU the Winograd kernel
+gradients of detr_jax/conv.py do fewer multiplications). The machine's matmul peak is a large
+jitted jnp.dot, measured in every round.
 
 Reference (--torch): transformers' DetrForObjectDetection (random init, nothing downloaded,
 transformers-native ResNet-50, FrozenBatchNorm) with its reference loss (scipy Hungarian
@@ -13,10 +16,16 @@ unfrozen here (41,302,368 trainable parameters, as the reference and ours); and 
 also on attention weights and after the FFN activation, as the reference's
 nn.MultiheadAttention and FFN (transformers defaults those two to 0).
 
-  python benchmarks/train_step.py --size 512 --batch 2 --torch
+The implementations alternate step by step (`--rounds` rounds of one step each, after
+warm-up, with a 1 s pause before each step so that neither starts while the other's OpenMP or
+Eigen threads still spin), so a machine whose speed drifts (shared hosts) affects both alike;
+the ratio is the median of the per-round ratios.
+
+  python benchmarks/train_step.py --size 512 --batch 2 --rounds 7 --torch
 """
 
 import argparse
+import platform
 import time
 
 import jax
@@ -31,7 +40,7 @@ from detr_jax import models, optim
 REFERENCE_TRAINABLE = 41_302_368  # DETR-R50: everything but the stem and layer1
 
 
-def matmul_peak(n=2048, dtype=jnp.float32, reps=10):
+def matmul_peak(n=2048, dtype=jnp.float32, reps=5):
   """Measured FLOP/s of a large jitted matmul (the machine's practical peak)."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
@@ -41,7 +50,7 @@ def matmul_peak(n=2048, dtype=jnp.float32, reps=10):
     t = time.perf_counter()
     f(a).block_until_ready()
     ts.append(time.perf_counter() - t)
-  return 2 * n**3 / np.median(ts)
+  return 2 * n**3 / min(ts)
 
 
 def _batch(batch, size, num_targets=8, seed=0):
@@ -59,59 +68,68 @@ def _batch(batch, size, num_targets=8, seed=0):
   }
 
 
-def time_ours(size, batch, dtype, matcher, steps, remat=False):
-  """(median seconds per step, XLA FLOPs per step) of our jitted train step."""
-  config = base.get_config()
-  config.model.dtype = dtype
-  config.model.remat = remat
-  config.loss.matcher = matcher
-  model = models.build_model(config.model)
-  variables = models.init_variables(model, jax.random.key(0), (size, size))
-  tx, _ = optim.create_optimizer(
-    variables["params"],
-    learning_rate=1e-4,
-    backbone_lr_mult=1.0,
-    weight_decay=1e-4,
-    grad_clip_norm=0.1,
-    backbone_trainable=tuple(config.model.backbone_trainable),
-    steps_per_epoch=1000,
-    lr_drop_epochs=400,
-    lr_drop_factor=0.1,
-  )
-  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
+def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="auto"):
+  """(run one step -> seconds, executed FLOPs, model FLOPs) of our jitted train step."""
 
-  def step(state, batch, rng):
-    params, opt_state = state
+  def build(conv):
+    config = base.get_config()
+    config.model.dtype = dtype
+    config.model.remat = remat
+    config.model.conv = conv
+    config.loss.matcher = matcher
+    model = models.build_model(config.model)
+    variables = models.init_variables(model, jax.random.key(0), (size, size))
+    tx, _ = optim.create_optimizer(
+      variables["params"],
+      learning_rate=1e-4,
+      backbone_lr_mult=1.0,
+      weight_decay=1e-4,
+      grad_clip_norm=0.1,
+      backbone_trainable=tuple(config.model.backbone_trainable),
+      steps_per_epoch=1000,
+      lr_drop_epochs=400,
+      lr_drop_factor=0.1,
+    )
+    loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
 
-    def f(p):
-      out = model.apply(
-        {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
-      )
-      return loss_fn(out, batch)[0]
+    def step(state, batch, rng):
+      params, opt_state = state
 
-    loss, grads = jax.value_and_grad(f)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+      def f(p):
+        out = model.apply(
+          {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
+        )
+        return loss_fn(out, batch)[0]
 
-  step = jax.jit(step, donate_argnums=0)
-  state = (variables["params"], tx.init(variables["params"]))
+      loss, grads = jax.value_and_grad(f)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    state = (variables["params"], tx.init(variables["params"]))
+    return jax.jit(step, donate_argnums=0), state
+
   data = jax.device_put(_batch(batch, size))
   rng = jax.random.key(1)
+  step, state = build(conv)
   compiled = step.lower(state, data, rng).compile()
-  flops = compiled.cost_analysis().get("flops", float("nan"))
-  state, loss = step(state, data, rng)
-  loss.block_until_ready()
-  ts = []
-  for _ in range(steps):
+  executed = compiled.cost_analysis().get("flops", float("nan"))
+  ref_step, ref_state = build("xla")
+  model_flops = ref_step.lower(ref_state, data, rng).compile().cost_analysis().get("flops")
+  del ref_state
+  holder = [state]
+
+  def run():
     t = time.perf_counter()
-    state, loss = step(state, data, rng)
+    holder[0], loss = compiled(holder[0], data, rng)
     loss.block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), flops
+    return time.perf_counter() - t
+
+  run()
+  return run, executed, model_flops
 
 
-def time_torch(size, batch, steps, autocast=False):
-  """Median seconds per step of the transformers PyTorch DETR with the reference loss."""
+def make_torch(size, batch, autocast=False):
+  """Run one step -> seconds, of the transformers PyTorch DETR with the reference loss."""
   import torch
   from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
@@ -143,9 +161,10 @@ def time_torch(size, batch, steps, autocast=False):
     for lab, b, v in zip(data["labels"], data["boxes"], data["valid"])
   ]
 
-  def step():
+  def run():
     # With labels, transformers computes the reference loss itself: scipy Hungarian matching
     # per image and layer, weighted CE (eos 0.1), L1 x5, GIoU x2, auxiliary losses.
+    t = time.perf_counter()
     with torch.autocast(device, enabled=autocast, dtype=torch.bfloat16):
       loss = model(pixel_values=images, labels=targets).loss
     opt.zero_grad()
@@ -154,57 +173,67 @@ def time_torch(size, batch, steps, autocast=False):
     opt.step()
     if device == "cuda":
       torch.cuda.synchronize()
+    return time.perf_counter() - t
 
-  step()
-  ts = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
+  run()
+  return run
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--matcher", default="auto")
+  parser.add_argument("--conv", default="auto", help="config.model.conv: auto | xla | matmul")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
   parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
   args = parser.parse_args()
 
-  peak = matmul_peak()
-  print(f"backend {jax.default_backend()}, devices {jax.devices()}")
-  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-  t, flops = time_ours(args.size, args.batch, args.dtype, args.matcher, args.steps, args.remat)
-  rows = [("detr_jax", args.dtype, t, flops / t / peak)]
-  if args.torch:
-    rows.append(
-      ("torch (transformers)", "float32", time_torch(args.size, args.batch, args.steps), None)
-    )
-    if args.autocast:
-      rows.append(
-        (
-          "torch (transformers)",
-          "bf16 autocast",
-          time_torch(args.size, args.batch, args.steps, autocast=True),
-          None,
-        )
-      )
-  print(
-    f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, "
-    f"XLA FLOPs/step {flops / 1e9:.1f} G"
+  print(f"{platform.processor() or platform.machine()}, backend {jax.default_backend()}, ")
+  print(f"devices {jax.devices()}, jax {jax.__version__}")
+  ours, executed, model_flops = make_ours(
+    args.size, args.batch, args.dtype, args.matcher, args.remat, args.conv
   )
-  print("| implementation | compute | s/step | images/s | FLOP/s vs peak | vs torch fp32 |")
+  runners = {f"detr_jax ({args.dtype}, conv={args.conv})": ours}
+  if args.torch:
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    runners["torch (transformers), float32"] = make_torch(args.size, args.batch)
+    if args.autocast:
+      runners["torch (transformers), bf16 autocast"] = make_torch(
+        args.size, args.batch, autocast=True
+      )
+  times = {name: [] for name in runners}
+  peaks = []
+  for _ in range(args.rounds):
+    peaks.append(matmul_peak())
+    for name, run in runners.items():
+      time.sleep(1.0)  # let the other runtime's worker threads stop spinning
+      times[name].append(run())
+  peak = float(np.median(peaks))
+  print(
+    f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds; "
+    f"model FLOPs/step {model_flops / 1e9:.1f} G, executed {executed / 1e9:.1f} G; "
+    f"matmul peak {peak / 1e9:.0f} GFLOP/s (median; range {min(peaks) / 1e9:.0f}-"
+    f"{max(peaks) / 1e9:.0f})"
+  )
+  print(
+    "| implementation | s/step (median) | range | images/s | model FLOP/s vs peak | time vs torch |"
+  )
   print("|---|---|---|---|---|---|")
-  ref = rows[1][2] if len(rows) > 1 else None
-  for name, dtype, t, util in rows:
-    ratio = f"{t / ref:.2f}x" if ref else "-"
-    util_s = f"{100 * util:.0f}%" if util is not None else "-"
-    print(f"| {name} | {dtype} | {t:.3f} | {args.batch / t:.2f} | {util_s} | {ratio} |")
+  ref = times.get("torch (transformers), float32")
+  for i, (name, ts) in enumerate(times.items()):
+    t = float(np.median(ts))
+    util = f"{100 * model_flops / t / peak:.0f}%"
+    if i == 0:
+      util += f" (executed {100 * executed / t / peak:.0f}%)"
+    ratio = f"{np.median(np.array(ts) / np.array(ref)):.2f}x" if ref else "-"
+    span = f"{min(ts):.3f}-{max(ts):.3f}"
+    print(f"| {name} | {t:.3f} | {span} | {args.batch / t:.2f} | {util} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def get_model_config():
       pre_norm=False,
       dtype="float32",  # compute dtype: float32 | bfloat16 (params stay float32)
       remat=False,  # rematerialize transformer layers in the backward pass
-      attention="xla",  # xla | cudnn (jax.nn.dot_product_attention implementation)
+      # Attention kernel: auto (cuDNN flash attention on GPU with bfloat16, else xla) | xla
+      # (einsum softmax; attention maps for predict.py) | cudnn.
+      attention="auto",
       # Backbone convolutions: auto (matmul on CPU, xla elsewhere) | xla | matmul; see
       # detr_jax/conv.py. Same function, different speed.
       conv="auto",

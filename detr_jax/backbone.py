@@ -10,7 +10,7 @@ Parameter names: `conv1`, `layer{i}_{j}/{conv1,conv2,conv3,downsample_conv}`; fr
 variables `bn1`, `layer{i}_{j}/{bn1,bn2,bn3,downsample_bn}` with `scale, bias, mean, var`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,10 +73,12 @@ class FrozenBatchNorm(nn.Module):
 
 
 class Conv(nn.Module):
-  """Bias-free k x k conv with torchvision's symmetric padding `dilation * (k // 2)`.
+  """k x k conv with torchvision's symmetric padding `dilation * (k // 2)`, bias-free unless
+  `bias_init` is given.
 
-  Holds `kernel` [k, k, C, K] (float32) like `nn.Conv`; computes with `conv.conv2d`, whose
-  `impl` picks XLA's convolution or the CPU matmul/Winograd path. x: [B, H, W, C].
+  Holds `kernel` [k, k, C, K] (and `bias` [K]) in float32 like `nn.Conv`; computes with
+  `conv.conv2d`, whose `impl` picks XLA's convolution or the CPU matmul path.
+  x: [B, H, W, C] -> [B, H / stride, W / stride, K].
   """
 
   features: int
@@ -85,14 +87,19 @@ class Conv(nn.Module):
   dilation: int = 1
   dtype: jnp.dtype = jnp.float32
   impl: str = "auto"
+  kernel_init: Callable = _conv_init
+  bias_init: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    w = self.param("kernel", _conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    return conv_lib.conv2d(
+    w = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    y = conv_lib.conv2d(
       x.astype(self.dtype), w.astype(self.dtype), self.stride, self.dilation, self.impl
     )
+    if self.bias_init is not None:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return y
 
 
 class BasicBlock(nn.Module):

@@ -58,7 +58,7 @@ class DETR(nn.Module):
   backbone: str = "resnet50"
   dilation: bool = False
   backbone_trainable: Sequence[str] = ("layer2", "layer3", "layer4")
-  attention: str = "xla"
+  attention: str = "auto"
   conv: str = "auto"
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -88,13 +88,13 @@ class DETR(nn.Module):
     )(images)
     in_ch = feats.shape[-1]
     init = _torch_linear_init(in_ch)
-    x = nn.Conv(
+    x = backbone_lib.Conv(
       self.hidden_dim,
-      (1, 1),
+      1,
       kernel_init=init,
       bias_init=init,
       dtype=self.dtype,
-      param_dtype=jnp.float32,
+      impl=self.conv,
       name="input_proj",
     )(feats)
     b, h, w, d = x.shape
@@ -138,7 +138,8 @@ def build_model(model_config):
   c = model_config
   if c.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={c.dtype!r}; choose from {sorted(_DTYPES)}")
-  conv_lib.resolve(c.conv)  # fails on an unknown implementation name
+  conv_lib.resolve(c.conv)  # fail early on unknown implementation names
+  transformer.attention_implementation(c.attention, _DTYPES[c.dtype])
   if c.hidden_dim % c.num_heads:
     raise ValueError(f"config.model.hidden_dim={c.hidden_dim} not divisible by num_heads")
   if c.hidden_dim % 4:
