@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from configs import base
+from detr_jax import conv as conv_lib
 from detr_jax import loss as loss_lib
 from detr_jax import models, optim
 
@@ -106,7 +107,7 @@ def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="a
       return (optax.apply_updates(params, updates), opt_state), loss
 
     state = (variables["params"], tx.init(variables["params"]))
-    return jax.jit(step, donate_argnums=0), state
+    return jax.jit(step, donate_argnums=0, compiler_options=conv_lib.compiler_options()), state
 
   data = jax.device_put(_batch(batch, size))
   rng = jax.random.key(1)
@@ -214,6 +215,8 @@ def main():
     for name, run in runners.items():
       time.sleep(1.0)  # let the other runtime's worker threads stop spinning
       times[name].append(run())
+  for name, ts in times.items():
+    print(f"{name}: {' '.join(f'{t:.3f}' for t in ts)} s")
   peak = float(np.median(peaks))
   print(
     f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds; "

@@ -10,6 +10,7 @@ Parameter names: `conv1`, `layer{i}_{j}/{conv1,conv2,conv3,downsample_conv}`; fr
 variables `bn1`, `layer{i}_{j}/{bn1,bn2,bn3,downsample_bn}` with `scale, bias, mean, var`.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -87,6 +88,7 @@ class Conv(nn.Module):
   dilation: int = 1
   dtype: jnp.dtype = jnp.float32
   impl: str = "auto"
+  forward_only: bool = False  # no gradient flows through it (frozen stage), see conv2d
   kernel_init: Callable = _conv_init
   bias_init: Callable | None = None
 
@@ -94,9 +96,8 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     w = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    y = conv_lib.conv2d(
-      x.astype(self.dtype), w.astype(self.dtype), self.stride, self.dilation, self.impl
-    )
+    x, w = x.astype(self.dtype), w.astype(self.dtype)
+    y = conv_lib.conv2d(x, w, self.stride, self.dilation, self.impl, self.forward_only)
     if self.bias_init is not None:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y
@@ -112,19 +113,18 @@ class BasicBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
   conv: str = "auto"
+  forward_only: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    y = Conv(self.features, 3, self.stride, dtype=self.dtype, impl=self.conv, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
-    y = Conv(self.features, 3, dtype=self.dtype, impl=self.conv, name="conv2")(y)
-    y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y)
+    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv, forward_only=self.forward_only)
+    bn = functools.partial(FrozenBatchNorm, self.dtype, self.calibrate)
+    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x)))
+    y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y))
     if self.downsample:
-      x = Conv(
-        self.features, 1, self.stride, dtype=self.dtype, impl=self.conv, name="downsample_conv"
-      )(x)
-      x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
+      x = conv(self.features, 1, self.stride, name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
@@ -138,23 +138,20 @@ class Bottleneck(nn.Module):
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
   conv: str = "auto"
+  forward_only: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    y = Conv(self.features, 1, dtype=self.dtype, impl=self.conv, name="conv1")(x)
-    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn1")(y))
-    y = Conv(
-      self.features, 3, self.stride, self.dilation, dtype=self.dtype, impl=self.conv, name="conv2"
-    )(y)
-    y = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate, name="bn2")(y))
-    y = Conv(self.features * 4, 1, dtype=self.dtype, impl=self.conv, name="conv3")(y)
-    y = FrozenBatchNorm(self.dtype, self.calibrate, name="bn3")(y)
+    conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv, forward_only=self.forward_only)
+    bn = functools.partial(FrozenBatchNorm, self.dtype, self.calibrate)
+    y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x)))
+    y = conv(self.features, 3, self.stride, self.dilation, name="conv2")(y)
+    y = nn.relu(bn(name="bn2")(y))
+    y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y))
     if self.downsample:
-      x = Conv(
-        self.features * 4, 1, self.stride, dtype=self.dtype, impl=self.conv, name="downsample_conv"
-      )(x)
-      x = FrozenBatchNorm(self.dtype, self.calibrate, name="downsample_bn")(x)
+      x = conv(self.features * 4, 1, self.stride, name="downsample_conv")(x)
+      x = bn(name="downsample_bn")(x)
     return nn.relu(x + y)
 
 
@@ -191,15 +188,20 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
     if self.dilation and block_cls is BasicBlock:
       raise ValueError(f"DC5 dilation needs a bottleneck ResNet, not {self.depth}")
-    frozen_prefix = True
+    # Stages up to the last one of the frozen prefix run forward only.
+    frozen = set()
+    for stage in STAGES:
+      if stage in self.trainable:
+        break
+      frozen.add(stage)
 
     def maybe_stop(stage, y):
-      nonlocal frozen_prefix
-      frozen_prefix = frozen_prefix and stage not in self.trainable
-      return jax.lax.stop_gradient(y) if frozen_prefix else y
+      return jax.lax.stop_gradient(y) if stage in frozen else y
 
     x = x.astype(self.dtype)
-    x = Conv(64, 7, 2, dtype=self.dtype, impl=self.conv, name="conv1")(x)
+    x = Conv(
+      64, 7, 2, dtype=self.dtype, impl=self.conv, forward_only="stem" in frozen, name="conv1"
+    )(x)
     x = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate_bn, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = maybe_stop("stem", x)
@@ -221,6 +223,7 @@ class ResNet(nn.Module):
           dtype=self.dtype,
           calibrate=self.calibrate_bn,
           conv=self.conv,
+          forward_only=f"layer{i + 1}" in frozen,
           name=f"layer{i + 1}_{j}",
         )(x)
         in_features = features * block_cls.expansion

@@ -1,4 +1,4 @@
-"""2-D convolutions of the backbone, and matmuls, with gradients that XLA:CPU runs fast.
+"""2-D convolutions of the backbone, and matmuls, in forms that XLA:CPU runs fast.
 
 The backbone's convolutions are NHWC with HWIO kernels and torchvision's symmetric padding.
 On GPU and TPU XLA's convolutions (cuDNN, the MXU) are the fast path: `impl="xla"`. On CPU,
@@ -6,19 +6,25 @@ XLA's forward and input-gradient convolutions run near the matmul peak, but its 
 convolution runs at 40-50 GFLOP/s against a 340 GFLOP/s matmul on the 2-core box of
 docs/benchmarks.md, and autodiff of an N-d `einsum` makes XLA:CPU transpose the output
 gradient in memory before the kernel-gradient matmul, which costs more than the matmul.
-`impl="matmul"` keeps XLA's forward (so outputs are XLA's convolution, bit for bit, except
-1x1) and computes the gradients with 2-D matmuls:
+`impl="matmul"` routes the work to 2-D (and batched) matmuls:
 
 - 1x1 convolutions are `matmul` (after a strided slice for stride 2): forward and both
   gradients are single 2-D matmuls over the flattened [B * H * W, C] activations;
-- 3x3 stride-1 convolutions: XLA's input gradient, and the kernel gradient in the Winograd
-  F(2x2, 3x3) domain (Lavin & Gray, 2016): 16 matmuls over 2x2 output tiles instead of 36
-  multiplications per tile, ~1e-6 relative float32 difference;
-- other convolutions (the 7x7 stem, strided or dilated 3x3): XLA's input gradient, the kernel
-  gradient by im2col matmuls.
+- 3x3 stride-1 convolutions use Winograd F(2x2, 3x3) (Lavin & Gray, 2016): 16 batched
+  matmuls per 2x2 output tile instead of 36 multiplications, in the forward and, through
+  autodiff of the transforms, in both gradients; float32 results differ from direct
+  convolution by ~1e-6 relative;
+- other convolutions (the 7x7 stem, strided or dilated 3x3) keep XLA's forward and input
+  gradient and compute their kernel gradient with im2col matmuls (`custom_vjp`);
+- with `forward_only` (frozen stages, through which no gradient flows) every k > 1
+  convolution is XLA's, the fastest forward.
 
 `impl="auto"` picks "matmul" on CPU and "xla" elsewhere. Tests compare every path with XLA's
-convolution and its autodiff gradients.
+convolution and its autodiff gradients. On a 2-core CPU this took the DETR-R50 backbone's
+forward + backward at 512 x 512, batch 2, from 3.1 s to 0.9 s.
+
+`compiler_options()` holds the XLA:CPU option that fuses element-wise epilogues (frozen
+BatchNorm, ReLU, bias) into those matmuls; the training and evaluation steps compile with it.
 """
 
 import functools
@@ -39,7 +45,25 @@ def resolve(impl):
   return impl
 
 
-def conv2d(x, w, stride=1, dilation=1, impl="auto"):
+# XLA:CPU fuses a dot's element-wise consumers into its YNNPACK call with this (experimental)
+# option: a DETR-R50 step at 512 x 512 took 2.5-4% less time (docs/benchmarks.md).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+@functools.cache
+def compiler_options():
+  """`jax.jit(..., compiler_options=...)` for the backend: on CPU the epilogue-fusion option
+  above, if this jaxlib knows it (a trial compile; an unknown option yields {}); else {}."""
+  if jax.default_backend() != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x @ x, compiler_options=_CPU_OPTIONS).lower(jnp.ones((2, 2))).compile()
+  except Exception:  # an XLA without the option rejects it at compile time
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
+def conv2d(x, w, stride=1, dilation=1, impl="auto", forward_only=False):
   """Convolution with symmetric padding `dilation * (k // 2)`, as torchvision's ResNet.
 
   Args:
@@ -47,17 +71,21 @@ def conv2d(x, w, stride=1, dilation=1, impl="auto"):
     w: [k, k, C, K] kernel (HWIO), k odd.
     stride, dilation: ints, the same along both spatial axes.
     impl: "auto" | "xla" | "matmul" (see the module docstring).
+    forward_only: no gradient will be taken through this call (a frozen stage): use the
+      fastest forward, XLA's convolution, for k > 1.
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), K] in the dtype of `x` and `w`.
   """
   k = w.shape[0]
-  if resolve(impl) == "xla":
+  if resolve(impl) == "xla" or (forward_only and k > 1):
     return _xla_conv(x, w, stride, dilation)
   if k == 1:
     if stride > 1:
       x = x[:, ::stride, ::stride]
     return matmul(x, w[0, 0])
+  if k == 3 and stride == 1 and dilation == 1:
+    return winograd_conv3x3(x, w)
   return _conv_matmul_grad(x, w, stride, dilation)
 
 
@@ -112,6 +140,29 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return matmul(lhs, rhs)
 
 
+def _bdot(a, b, contract):
+  """dot_general of [T, ., .] arrays batched over axis 0, contracting dims `contract`."""
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0,), (0,))))
+
+
+@jax.custom_vjp
+def batched_matmul(v, u):
+  """v [T, N, C] @ u [T, C, K] -> [T, N, K], gradients as batched matmuls (see `matmul`)."""
+  return _bdot(v, u, (2, 1))
+
+
+def _batched_matmul_fwd(v, u):
+  return batched_matmul(v, u), (v, u)
+
+
+def _batched_matmul_bwd(residuals, g):
+  v, u = residuals
+  return _bdot(g, u, (2, 2)), _bdot(v, g, (1, 1))
+
+
+batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_matmul_grad(x, w, stride, dilation):
   """XLA's convolution and input gradient; the kernel gradient by matmuls."""
@@ -126,12 +177,7 @@ def _conv_matmul_grad_bwd(stride, dilation, residuals, g):
   x, w = residuals
   _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, stride, dilation), x)
   (dx,) = input_vjp(g)
-  k = w.shape[0]
-  if k == 3 and stride == 1 and dilation == 1:
-    dw = winograd_kernel_gradient(x, g)
-  else:
-    dw = kernel_gradient(x, g, k, stride, dilation)
-  return dx, dw.astype(w.dtype)
+  return dx, kernel_gradient(x, g, w.shape[0], stride, dilation).astype(w.dtype)
 
 
 _conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
@@ -163,11 +209,17 @@ def kernel_gradient(x, g, k, stride, dilation):
   return jnp.stack(rows)
 
 
-# Winograd F(2x2, 3x3): y = A^T [(G w G^T) * (B^T d B)] A for each 4x4 input tile d, so the
-# kernel gradient is G^T [sum over tiles (B^T d B) * (A dy A^T)] G.
-def _strided_taps(x, axis, n):
-  """The 4 views x[2i + r] (i < n) along `axis`, r = 0..3: rows of every 4-wide tile."""
-  return [jax.lax.slice_in_dim(x, r, r + 2 * (n - 1) + 1, 2, axis) for r in range(4)]
+# Winograd F(2x2, 3x3): y = A^T [(G w G^T) * (B^T d B)] A for each 4x4 input tile d (stride 2).
+def _tile_taps(x, axis, n):
+  """The 4 views x[2i + r] (i < n) along `axis`, r = 0..3: rows of every 4-wide tile.
+
+  `x` has 2n + 2 entries along `axis`; viewed as (n + 1) pairs, the taps are contiguous
+  slices of the even and odd entries (cheaper, also in the backward, than stride-2 slices).
+  """
+  y = x.reshape(*x.shape[:axis], n + 1, 2, *x.shape[axis + 1 :])
+  first, second = (jax.lax.slice_in_dim(y, s, s + n, axis=axis) for s in (0, 1))
+  pick = lambda a, parity: jax.lax.index_in_dim(a, parity, axis + 1, keepdims=False)
+  return [pick(first, 0), pick(first, 1), pick(second, 0), pick(second, 1)]
 
 
 def _input_transform(d0, d1, d2, d3):
@@ -175,46 +227,41 @@ def _input_transform(d0, d1, d2, d3):
   return d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
 
-def _kernel_transform_t(u0, u1, u2, u3):
-  """G^T u along one axis, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
-  return u0 + (u1 + u2) * 0.5, (u1 - u2) * 0.5, (u1 + u2) * 0.5 + u3
+def _kernel_transform(g0, g1, g2):
+  """G g along one axis of a 3-tap kernel."""
+  return g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
 
 
-def _output_transform_t(y0, y1):
-  """A y along one axis, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]."""
-  return y0, y0 + y1, y0 - y1, -y1
+def _output_transform(m0, m1, m2, m3):
+  """A^T m along one axis of a 4-tap tile."""
+  return m0 + m1 + m2, m1 - m2 - m3
 
 
-def _tiles(x):
-  """B^T d B of every 4x4 tile (stride 2) of x padded by 1: [B, H, W, C] -> [16, T, C]."""
+def winograd_conv3x3(x, w):
+  """3x3 stride-1 convolution with padding 1 by Winograd F(2x2, 3x3).
+
+  The input's 4x4 tiles and the kernel are transformed (additions only), 16 batched matmuls
+  over the [B * H/2 * W/2] tiles replace 36 multiplications per 2x2 output tile, and the
+  output transform adds them back up. The gradients are autodiff's: the adjoint transforms
+  and the batched matmuls of `batched_matmul`, so the input and kernel gradients get the same
+  2.25x saving. Odd H or W are padded to whole tiles and cropped back.
+
+  Args:
+    x: [B, H, W, C]; w: [3, 3, C, K].
+
+  Returns:
+    [B, H, W, K].
+  """
   b, h, wd, c = x.shape
+  k = w.shape[-1]
   nh, nw = (h + 1) // 2, (wd + 1) // 2
   xp = jnp.pad(x, ((0, 0), (1, 2 * nh + 1 - h), (1, 2 * nw + 1 - wd), (0, 0)))
-  rows = _input_transform(*_strided_taps(xp, 1, nh))  # 4 x [B, nh, W + 2, C]
-  v = [t for r in rows for t in _input_transform(*_strided_taps(r, 2, nw))]
-  return jnp.stack(v).reshape(16, b * nh * nw, c)
-
-
-def _output_tiles_t(g):
-  """A^T-adjoint of the output gradient per 2x2 tile: [B, H, W, K] -> [16, T, K]."""
-  b, h, wd, k = g.shape
-  nh, nw = (h + 1) // 2, (wd + 1) // 2
-  g = jnp.pad(g, ((0, 0), (0, 2 * nh - h), (0, 2 * nw - wd), (0, 0)))
-  g = g.reshape(b, nh, 2, nw, 2, k)
-  rows = _output_transform_t(g[:, :, 0], g[:, :, 1])  # 4 x [B, nh, nw, 2, K]
-  m = [t for r in rows for t in _output_transform_t(r[..., 0, :], r[..., 1, :])]
-  return jnp.stack(m).reshape(16, b * nh * nw, k)
-
-
-def winograd_kernel_gradient(x, g):
-  """Kernel gradient [3, 3, C, K] of a 3x3 stride-1 convolution, in the Winograd domain.
-
-  x: [B, H, W, C] input; g: [B, H, W, K] output gradient. 16 matmuls contract the transformed
-  input and output-gradient tiles over the B * H/2 * W/2 tiles, then G^T (.) G maps back.
-  """
-  v = _tiles(x)  # [16, T, C]
-  m = _output_tiles_t(g)  # [16, T, K]
-  du = jax.lax.dot_general(v, m, (((1,), (1,)), ((0,), (0,))))  # [16, C, K]
-  du = du.reshape(4, 4, *du.shape[1:])
-  rows = _kernel_transform_t(*du)  # 3 x [4, C, K]
-  return jnp.stack([jnp.stack(_kernel_transform_t(*r)) for r in rows])
+  rows = _input_transform(*_tile_taps(xp, 1, nh))  # 4 x [B, nh, W + 2, C]
+  v = [t for r in rows for t in _input_transform(*_tile_taps(r, 2, nw))]
+  v = jnp.stack(v).reshape(16, b * nh * nw, c)
+  u = jnp.stack([t for r in _kernel_transform(*w) for t in _kernel_transform(*r)])  # [16, C, K]
+  m = batched_matmul(v, u).reshape(4, 4, b, nh, nw, k)
+  rows = _output_transform(*m)  # 2 x [4, B, nh, nw, K]
+  y = [jnp.stack(_output_transform(*r), axis=-2) for r in rows]  # 2 x [B, nh, nw, 2, K]
+  y = jnp.stack(y, axis=2).reshape(b, 2 * nh, 2 * nw, k)
+  return y[:, :h, :wd]

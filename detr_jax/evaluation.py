@@ -6,6 +6,7 @@ computes the metrics.
 """
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import input_pipeline
-from detr_jax import checkpoint, postprocess, sharding, visualize
+from detr_jax import checkpoint, conv, postprocess, sharding, visualize
 from detr_jax.config_utils import apply_overrides  # noqa: F401  (re-exported)
 
 COCO_METRIC_NAMES = (
@@ -133,7 +134,7 @@ def voc_map50(coco_gt, results, use_07_metric=False):
 def make_predict_fn(model):
   """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> postprocessed detections."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(variables, images, orig_sizes):
     out = model.apply(variables, images, train=False)
     return postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)

@@ -16,6 +16,7 @@ to each image's original size. A file that cannot be decoded is logged and skipp
 
 import collections
 import concurrent.futures
+import functools
 import glob
 import io
 import json
@@ -34,6 +35,7 @@ from detr_jax import (
   attention_maps,
   backbone,
   checkpoint,
+  conv,
   evaluation,
   postprocess,
   sharding,
@@ -190,7 +192,7 @@ def make_predict_fn(model, grid=None, num_attention=0):
   if not num_attention:
     return evaluation.make_predict_fn(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
   def predict(variables, images, orig_sizes):
     out, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     det = postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)

@@ -5,6 +5,8 @@ sharded state (fresh, resumed or from pretrained weights), the jitted step, the 
 logging, checkpoints, evaluation and preemption handling.
 """
 
+import glob
+import os
 import signal
 import time
 
@@ -13,12 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 import input_pipeline
 from configs import base
-from detr_jax import backbone, checkpoint, convert, evaluation, models, optim, sharding
+from detr_jax import backbone, checkpoint, conv, convert, evaluation, models, optim, sharding
 from detr_jax import loss as loss_lib
 
 
@@ -216,7 +219,12 @@ def train_and_evaluate(config, workdir):
     }
     return new_state, metrics
 
-  train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, repl))
+  train_step = jax.jit(
+    train_step,
+    donate_argnums=0,
+    out_shardings=(state_shardings, repl),
+    compiler_options=conv.compiler_options(),
+  )
   predict_fn = evaluation.make_predict_fn(model)
 
   # ---- Helpers of the loop ---------------------------------------------------------------
@@ -313,3 +321,18 @@ def train_and_evaluate(config, workdir):
     writer.flush()
     signal.signal(signal.SIGTERM, previous_handler)
   return {"train": train_metrics, "eval": eval_metrics, "step": int(jax.device_get(state["step"]))}
+
+
+def read_scalars(workdir, tag="train/loss"):
+  """{step: value} of a scalar that training wrote to the TensorBoard events in `workdir`.
+
+  Reads every events file (a resumed run adds one); for a step written twice (a step redone
+  after a kill) the later file wins. Tags are those of the logs: "train/loss", "eval/AP50", ...
+  """
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag:
+          out[event.step] = float(tf.make_ndarray(v.tensor))
+  return out

@@ -23,7 +23,7 @@ def _rel_err(a, b):
     (1, 1, 1, 8, 6),
     (1, 2, 1, 8, 6),
     (1, 2, 1, 7, 5),  # odd sizes: ceil(H / 2) outputs
-    (3, 1, 1, 8, 6),  # Winograd kernel gradient
+    (3, 1, 1, 8, 6),  # Winograd
     (3, 1, 1, 7, 5),  # Winograd with partial edge tiles
     (3, 2, 1, 8, 6),  # im2col kernel gradient
     (3, 1, 2, 8, 8),  # DC5 dilation
@@ -46,14 +46,27 @@ def test_matmul_path_matches_xla_values_and_gradients(k, stride, dilation, h, w)
   assert _rel_err(dw, dw_ref) < 1e-5
 
 
-def test_winograd_kernel_gradient_direct():
+def test_winograd_conv3x3_direct_and_batched_matmul_gradients():
   x = jax.random.normal(jax.random.key(0), (3, 9, 4, 6))
-  g = jax.random.normal(jax.random.key(1), (3, 9, 4, 2))
-  _, vjp = jax.vjp(lambda w: conv._xla_conv(x, w, 1, 1), jnp.zeros((3, 3, 6, 2)))
-  (expected,) = vjp(g)
-  got = conv.winograd_kernel_gradient(x, g)
-  assert got.shape == (3, 3, 6, 2)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 6, 2))
+  np.testing.assert_allclose(
+    conv.winograd_conv3x3(x, w), conv._xla_conv(x, w, 1, 1), rtol=1e-5, atol=1e-5
+  )
+  v = jax.random.normal(jax.random.key(2), (4, 5, 6))
+  u = jax.random.normal(jax.random.key(3), (4, 6, 3))
+  loss = lambda f: lambda v, u: jnp.sum(jnp.sin(f(v, u)))
+  ours = jax.grad(loss(conv.batched_matmul), argnums=(0, 1))(v, u)
+  ref = jax.grad(loss(lambda v, u: jnp.einsum("tnc,tck->tnk", v, u)), argnums=(0, 1))(v, u)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_only_uses_xla_convolution():
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+  expected = conv._xla_conv(x, w, 1, 1)
+  np.testing.assert_array_equal(conv.conv2d(x, w, impl="matmul", forward_only=True), expected)
+  assert not np.array_equal(conv.conv2d(x, w, impl="matmul"), expected)  # Winograd rounding
 
 
 def test_matmul_gradients_match_einsum_autodiff():
@@ -112,3 +125,16 @@ def test_resnet_gradients_equal_across_implementations():
     else:
       assert scale > 0
       np.testing.assert_allclose(b, a, atol=1e-4 * scale)
+
+
+def test_compiler_options_compile_and_keep_results():
+  opts = conv.compiler_options()
+  assert opts in ({}, conv._CPU_OPTIONS)
+  if jax.default_backend() == "cpu":
+    assert opts, "this jaxlib no longer knows the epilogue-fusion option; update conv.py"
+  x = jax.random.normal(jax.random.key(0), (64, 32))
+  w = jax.random.normal(jax.random.key(1), (32, 16))
+  f = lambda x, w: jax.nn.relu(conv.matmul(x, w) * 2.0 + 1.0)
+  np.testing.assert_allclose(
+    jax.jit(f, compiler_options=opts)(x, w), jax.jit(f)(x, w), rtol=1e-6, atol=1e-6
+  )

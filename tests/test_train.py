@@ -1,7 +1,6 @@
 """End to end: train, checkpoint, SIGKILL, resume on the same trajectory, evaluate; and
 2 processes x 4 CPU devices against 1 process x 8 devices."""
 
-import glob
 import json
 import os
 import signal
@@ -13,7 +12,8 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
+
+from detr_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,14 +76,7 @@ def _run(workdir, overrides=None, devices=1, extra=(), wait=True, **popen):
 
 
 def _losses(workdir):
-  """step -> train/loss from the TensorBoard events (the last value written per step)."""
-  out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for v in event.summary.value:
-        if v.tag == "train/loss":
-          out[event.step] = float(tf.make_ndarray(v.tensor))
-  return out
+  return trainer.read_scalars(workdir, "train/loss")
 
 
 def _steps(workdir):
@@ -209,21 +202,18 @@ def _tiny_config(**override):
   ],
 )
 def test_inconsistent_config_fails_at_start(override, devices, message):
-  from detr_jax import trainer
 
   with pytest.raises(ValueError, match=message):
     trainer.validate_config(_tiny_config(**override), num_devices=devices)
 
 
 def test_class_count_must_match_the_dataset(tmp_path):
-  from detr_jax import trainer
 
   with pytest.raises(ValueError, match="num_classes=9 but dataset 'synthetic' has 4 classes"):
     trainer.train_and_evaluate(_tiny_config(**{"model.num_classes": 9}), str(tmp_path))
 
 
 def test_unknown_config_field_fails_at_start(tmp_path):
-  from detr_jax import trainer
 
   config = _tiny_config()
   config.model.hiden_dim = 3
@@ -235,7 +225,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   tmp_path, monkeypatch
 ):
   import input_pipeline
-  from detr_jax import checkpoint, trainer
+  from detr_jax import checkpoint
 
   make = input_pipeline.create_train_iterator
 

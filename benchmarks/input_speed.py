@@ -14,7 +14,7 @@ pool (like DataLoader workers; `--workers 0,2`), with batches collated in the ma
 Each run prints images/s and the CPU milliseconds spent per image (steadier than images/s when
 other work shares the machine).
 
-  python benchmarks/input_pipeline.py --mosaic_prob 0.5
+  python benchmarks/input_speed.py --mosaic_prob 0.5
 """
 
 import argparse
@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import random
 import resource
-import sys
 import tempfile
 import time
 
@@ -218,9 +217,7 @@ def bench_pil(annotations, images_dir, *, mosaic_prob, workers, batch_size, num_
 
 
 def bench_tf(annotations, images_dir, *, mosaic_prob, batch_size, num_batches):
-  # This file's own name shadows the package when run as a script: import from the repo root.
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  import input_pipeline
+  import input_pipeline  # TensorFlow only here: the PIL baseline's workers fork without it
   from configs import base
 
   cfg = base.get_data_config()
