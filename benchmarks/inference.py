@@ -15,14 +15,14 @@ import jax
 import numpy as np
 
 from configs import base
-from detr_jax import models, postprocess
+from detr_jax import conv, models, postprocess
 
 
-def make_ours(size, batch, dtype, conv):
+def make_ours(size, batch, dtype, conv_impl):
   """Run one batch -> seconds, of the jitted forward pass with post-processing."""
   config = base.get_model_config()
   config.dtype = dtype
-  config.conv = conv
+  config.conv = conv_impl
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.key(0), (size, size))
 

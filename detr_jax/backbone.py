@@ -177,8 +177,12 @@ class ResNet(nn.Module):
   conv: str = "auto"
 
   @nn.compact
-  def __call__(self, x):
-    """x: [B, H, W, 3] normalized images -> [B, H/32, W/32, C] (H/16 for DC5)."""
+  def __call__(self, x, train=True):
+    """x: [B, H, W, 3] normalized images -> [B, H/32, W/32, C] (H/16 for DC5).
+
+    With `train=False` (no gradient will be taken) every stage runs its fastest forward
+    (`conv.conv2d(forward_only=True)`); gradients stay correct either way.
+    """
     if self.depth not in RESNET_SPECS:
       raise ValueError(f"Unknown backbone {self.depth!r}; choose from {sorted(RESNET_SPECS)}")
     unknown = set(self.trainable) - set(STAGES)
@@ -194,13 +198,14 @@ class ResNet(nn.Module):
       if stage in self.trainable:
         break
       frozen.add(stage)
+    forward_only = frozen if train else set(STAGES)
 
     def maybe_stop(stage, y):
       return jax.lax.stop_gradient(y) if stage in frozen else y
 
     x = x.astype(self.dtype)
     x = Conv(
-      64, 7, 2, dtype=self.dtype, impl=self.conv, forward_only="stem" in frozen, name="conv1"
+      64, 7, 2, dtype=self.dtype, impl=self.conv, forward_only="stem" in forward_only, name="conv1"
     )(x)
     x = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate_bn, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -223,7 +228,7 @@ class ResNet(nn.Module):
           dtype=self.dtype,
           calibrate=self.calibrate_bn,
           conv=self.conv,
-          forward_only=f"layer{i + 1}" in frozen,
+          forward_only=f"layer{i + 1}" in forward_only,
           name=f"layer{i + 1}_{j}",
         )(x)
         in_features = features * block_cls.expansion

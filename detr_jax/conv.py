@@ -16,8 +16,8 @@ gradient in memory before the kernel-gradient matmul, which costs more than the 
   convolution by ~1e-6 relative;
 - other convolutions (the 7x7 stem, strided or dilated 3x3) keep XLA's forward and input
   gradient and compute their kernel gradient with im2col matmuls (`custom_vjp`);
-- with `forward_only` (frozen stages, through which no gradient flows) every k > 1
-  convolution is XLA's, the fastest forward.
+- with `forward_only` (frozen stages, through which no gradient flows, and inference) every
+  convolution is XLA's, the fastest forward once `compiler_options()` fuses its epilogue.
 
 `impl="auto"` picks "matmul" on CPU and "xla" elsewhere. Tests compare every path with XLA's
 convolution and its autodiff gradients. On a 2-core CPU this took the DETR-R50 backbone's
@@ -71,14 +71,14 @@ def conv2d(x, w, stride=1, dilation=1, impl="auto", forward_only=False):
     w: [k, k, C, K] kernel (HWIO), k odd.
     stride, dilation: ints, the same along both spatial axes.
     impl: "auto" | "xla" | "matmul" (see the module docstring).
-    forward_only: no gradient will be taken through this call (a frozen stage): use the
-      fastest forward, XLA's convolution, for k > 1.
+    forward_only: no gradient will be taken through this call (a frozen stage, or
+      inference): use the fastest forward, XLA's convolution (with `compiler_options()`).
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), K] in the dtype of `x` and `w`.
   """
   k = w.shape[0]
-  if resolve(impl) == "xla" or (forward_only and k > 1):
+  if resolve(impl) == "xla" or forward_only:
     return _xla_conv(x, w, stride, dilation)
   if k == 1:
     if stride > 1:

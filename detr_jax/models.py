@@ -85,7 +85,7 @@ class DETR(nn.Module):
       self.calibrate_bn,
       self.conv,
       name="backbone",
-    )(images)
+    )(images, train)
     in_ch = feats.shape[-1]
     init = _torch_linear_init(in_ch)
     x = backbone_lib.Conv(

@@ -66,6 +66,10 @@ def test_forward_only_uses_xla_convolution():
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
   expected = conv._xla_conv(x, w, 1, 1)
   np.testing.assert_array_equal(conv.conv2d(x, w, impl="matmul", forward_only=True), expected)
+  w1 = w[1:2, 1:2]
+  np.testing.assert_array_equal(
+    conv.conv2d(x, w1, impl="matmul", forward_only=True), conv._xla_conv(x, w1, 1, 1)
+  )
   assert not np.array_equal(conv.conv2d(x, w, impl="matmul"), expected)  # Winograd rounding
 
 
