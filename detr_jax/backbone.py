@@ -88,7 +88,7 @@ class Conv(nn.Module):
   dilation: int = 1
   dtype: jnp.dtype = jnp.float32
   impl: str = "auto"
-  forward_only: bool = False  # no gradient flows through it (frozen stage), see conv2d
+  forward_only: bool = False  # no gradient flows through it (frozen stage, inference)
   kernel_init: Callable = _conv_init
   bias_init: Callable | None = None
 

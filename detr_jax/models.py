@@ -70,7 +70,8 @@ class DETR(nn.Module):
 
     Args:
       images: [B, H, W, 3] float32, ImageNet-normalized; H and W divisible by the stride.
-      train: enables dropout (needs a `dropout` rng).
+      train: enables dropout (needs a `dropout` rng) and, on CPU, the backbone convolutions
+        built for gradients (`conv.conv2d`); False runs the fastest forward.
 
     Returns:
       dict with `pred_logits` [B, Q, K+1] (last = no object), `pred_boxes` [B, Q, 4]

@@ -46,19 +46,12 @@ def test_matmul_path_matches_xla_values_and_gradients(k, stride, dilation, h, w)
   assert _rel_err(dw, dw_ref) < 1e-5
 
 
-def test_winograd_conv3x3_direct_and_batched_matmul_gradients():
+def test_winograd_conv3x3_direct():
   x = jax.random.normal(jax.random.key(0), (3, 9, 4, 6))
   w = jax.random.normal(jax.random.key(1), (3, 3, 6, 2))
   np.testing.assert_allclose(
     conv.winograd_conv3x3(x, w), conv._xla_conv(x, w, 1, 1), rtol=1e-5, atol=1e-5
   )
-  v = jax.random.normal(jax.random.key(2), (4, 5, 6))
-  u = jax.random.normal(jax.random.key(3), (4, 6, 3))
-  loss = lambda f: lambda v, u: jnp.sum(jnp.sin(f(v, u)))
-  ours = jax.grad(loss(conv.batched_matmul), argnums=(0, 1))(v, u)
-  ref = jax.grad(loss(lambda v, u: jnp.einsum("tnc,tck->tnk", v, u)), argnums=(0, 1))(v, u)
-  for a, b in zip(ours, ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_forward_only_uses_xla_convolution():
@@ -73,12 +66,19 @@ def test_forward_only_uses_xla_convolution():
   assert not np.array_equal(conv.conv2d(x, w, impl="matmul"), expected)  # Winograd rounding
 
 
-def test_matmul_gradients_match_einsum_autodiff():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
-  w = jax.random.normal(jax.random.key(1), (5, 6))
+@pytest.mark.parametrize(
+  "fn, spec, x_shape, w_shape",
+  [
+    (conv.matmul, "...c,ck->...k", (2, 3, 4, 5), (5, 6)),
+    (conv.batched_matmul, "tnc,tck->tnk", (4, 5, 6), (4, 6, 3)),
+  ],
+)
+def test_matmul_gradients_match_einsum_autodiff(fn, spec, x_shape, w_shape):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
-  ours = jax.grad(loss(conv.matmul), argnums=(0, 1))(x, w)
-  ref = jax.grad(loss(lambda x, w: jnp.einsum("...c,ck->...k", x, w)), argnums=(0, 1))(x, w)
+  ours = jax.grad(loss(fn), argnums=(0, 1))(x, w)
+  ref = jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w)), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
