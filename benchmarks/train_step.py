@@ -41,9 +41,11 @@ from detr_jax import models, optim
 REFERENCE_TRAINABLE = 41_302_368  # DETR-R50: everything but the stem and layer1
 
 
-def matmul_peak(n=2048, dtype=jnp.float32, reps=5):
-  """Measured FLOP/s of a large jitted matmul (the machine's practical peak)."""
-  a = jnp.ones((n, n), dtype)
+def matmul_peak(dtype=jnp.float32, reps=5):
+  """Measured FLOP/s of a large jitted matmul in `dtype` (the machine's practical peak):
+  2048^2 on CPU, 8192^2 on accelerators; random operands."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   ts = []
@@ -69,54 +71,62 @@ def _batch(batch, size, num_targets=8, seed=0):
   }
 
 
+def _build_step(size, dtype, matcher, remat, conv):
+  """(jitted donated train step (state, batch, rng) -> (state, loss), initial state)."""
+  config = base.get_config()
+  config.model.dtype = dtype
+  config.model.remat = remat
+  config.model.conv = conv
+  config.loss.matcher = matcher
+  model = models.build_model(config.model)
+  variables = models.init_variables(model, jax.random.key(0), (size, size))
+  tx, _ = optim.create_optimizer(
+    variables["params"],
+    learning_rate=1e-4,
+    backbone_lr_mult=1.0,
+    weight_decay=1e-4,
+    grad_clip_norm=0.1,
+    backbone_trainable=tuple(config.model.backbone_trainable),
+    steps_per_epoch=1000,
+    lr_drop_epochs=400,
+    lr_drop_factor=0.1,
+  )
+  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
+
+  def step(state, batch, rng):
+    params, opt_state = state
+
+    def f(p):
+      out = model.apply(
+        {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
+      )
+      return loss_fn(out, batch)[0]
+
+    loss, grads = jax.value_and_grad(f)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  state = (variables["params"], tx.init(variables["params"]))
+  return jax.jit(step, donate_argnums=0, compiler_options=conv_lib.compiler_options()), state
+
+
+def model_flops(size, batch, dtype="float32", matcher="auto", remat=False):
+  """FLOPs of one train step with direct convolutions, from XLA's cost analysis of the step
+  compiled (never run) for the host CPU: XLA:GPU's cost analysis leaves out the convolutions
+  that run as cuDNN calls, so the CPU count is the one comparable across backends."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    step, state = _build_step(size, dtype, matcher, remat, "xla")
+    lowered = step.lower(state, _batch(batch, size), jax.random.key(1))
+    return lowered.compile().cost_analysis().get("flops")
+
+
 def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="auto"):
-  """(run one step -> seconds, executed FLOPs, model FLOPs) of our jitted train step."""
-
-  def build(conv):
-    config = base.get_config()
-    config.model.dtype = dtype
-    config.model.remat = remat
-    config.model.conv = conv
-    config.loss.matcher = matcher
-    model = models.build_model(config.model)
-    variables = models.init_variables(model, jax.random.key(0), (size, size))
-    tx, _ = optim.create_optimizer(
-      variables["params"],
-      learning_rate=1e-4,
-      backbone_lr_mult=1.0,
-      weight_decay=1e-4,
-      grad_clip_norm=0.1,
-      backbone_trainable=tuple(config.model.backbone_trainable),
-      steps_per_epoch=1000,
-      lr_drop_epochs=400,
-      lr_drop_factor=0.1,
-    )
-    loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
-
-    def step(state, batch, rng):
-      params, opt_state = state
-
-      def f(p):
-        out = model.apply(
-          {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
-        )
-        return loss_fn(out, batch)[0]
-
-      loss, grads = jax.value_and_grad(f)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    state = (variables["params"], tx.init(variables["params"]))
-    return jax.jit(step, donate_argnums=0, compiler_options=conv_lib.compiler_options()), state
-
+  """(run one step -> seconds, executed FLOPs as XLA counts them on this backend)."""
   data = jax.device_put(_batch(batch, size))
   rng = jax.random.key(1)
-  step, state = build(conv)
+  step, state = _build_step(size, dtype, matcher, remat, conv)
   compiled = step.lower(state, data, rng).compile()
   executed = compiled.cost_analysis().get("flops", float("nan"))
-  ref_step, ref_state = build("xla")
-  model_flops = ref_step.lower(ref_state, data, rng).compile().cost_analysis().get("flops")
-  del ref_state
   holder = [state]
 
   def run():
@@ -126,7 +136,7 @@ def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="a
     return time.perf_counter() - t
 
   run()
-  return run, executed, model_flops
+  return run, executed
 
 
 def make_torch(size, batch, autocast=False):
@@ -190,15 +200,19 @@ def main():
   parser.add_argument("--conv", default="auto", help="config.model.conv: auto | xla | matmul")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+  parser.add_argument("--no-ours", action="store_true", help="time only the PyTorch reference")
   parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
   args = parser.parse_args()
 
   print(f"{platform.processor() or platform.machine()}, backend {jax.default_backend()}, ")
   print(f"devices {jax.devices()}, jax {jax.__version__}")
-  ours, executed, model_flops = make_ours(
-    args.size, args.batch, args.dtype, args.matcher, args.remat, args.conv
-  )
-  runners = {f"detr_jax ({args.dtype}, conv={args.conv})": ours}
+  flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat)
+  runners, executed = {}, None
+  if not args.no_ours:
+    ours, executed = make_ours(
+      args.size, args.batch, args.dtype, args.matcher, args.remat, args.conv
+    )
+    runners[f"detr_jax ({args.dtype}, conv={args.conv})"] = ours
   if args.torch:
     import torch
 
@@ -211,17 +225,20 @@ def main():
   times = {name: [] for name in runners}
   peaks = []
   for _ in range(args.rounds):
-    peaks.append(matmul_peak())
+    peaks.append(matmul_peak(jnp.dtype(args.dtype)))
     for name, run in runners.items():
       time.sleep(1.0)  # let the other runtime's worker threads stop spinning
       times[name].append(run())
   for name, ts in times.items():
     print(f"{name}: {' '.join(f'{t:.3f}' for t in ts)} s")
   peak = float(np.median(peaks))
+  # XLA:GPU's count misses cuDNN convolutions; the executed count means something on CPU only.
+  show_executed = executed is not None and jax.default_backend() == "cpu"
+  executed_note = f", executed {executed / 1e9:.1f} G" if show_executed else ""
   print(
     f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds; "
-    f"model FLOPs/step {model_flops / 1e9:.1f} G, executed {executed / 1e9:.1f} G; "
-    f"matmul peak {peak / 1e9:.0f} GFLOP/s (median; range {min(peaks) / 1e9:.0f}-"
+    f"model FLOPs/step {flops / 1e9:.1f} G{executed_note}; "
+    f"{args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (median; range {min(peaks) / 1e9:.0f}-"
     f"{max(peaks) / 1e9:.0f})"
   )
   print(
@@ -229,10 +246,10 @@ def main():
   )
   print("|---|---|---|---|---|---|")
   ref = times.get("torch (transformers), float32")
-  for i, (name, ts) in enumerate(times.items()):
+  for name, ts in times.items():
     t = float(np.median(ts))
-    util = f"{100 * model_flops / t / peak:.0f}%"
-    if i == 0:
+    util = f"{100 * flops / t / peak:.0f}%"
+    if name.startswith("detr_jax") and show_executed:
       util += f" (executed {100 * executed / t / peak:.0f}%)"
     ratio = f"{np.median(np.array(ts) / np.array(ref)):.2f}x" if ref else "-"
     span = f"{min(ts):.3f}-{max(ts):.3f}"
