@@ -71,9 +71,10 @@ def _batch(batch, size, num_targets=8, seed=0):
   }
 
 
-def _build_step(size, dtype, matcher, remat, conv):
+def _build_step(size, dtype, matcher, remat, conv, attention="auto"):
   """(jitted donated train step (state, batch, rng) -> (state, loss), initial state)."""
   config = base.get_config()
+  config.model.attention = attention
   config.model.dtype = dtype
   config.model.remat = remat
   config.model.conv = conv
@@ -115,7 +116,7 @@ def model_flops(size, batch, dtype="float32", matcher="auto", remat=False):
   compiled (never run) for the host CPU: XLA:GPU's cost analysis leaves out the convolutions
   that run as cuDNN calls, so the CPU count is the one comparable across backends."""
   with jax.default_device(jax.devices("cpu")[0]):
-    step, state = _build_step(size, dtype, matcher, remat, "xla")
+    step, state = _build_step(size, dtype, matcher, remat, "xla", attention="xla")
     lowered = step.lower(state, _batch(batch, size), jax.random.key(1))
     return lowered.compile().cost_analysis().get("flops")
 
