@@ -23,14 +23,11 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+import train_step  # benchmarks/train_step.py: the same jitted step as the speed benchmark
 from PIL import Image
 
 from configs import tiny
-from detr_jax import loss as loss_lib
-from detr_jax import models, optim
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -67,14 +64,7 @@ def plain_dataset(config):
   resized to `config.image_size`), labels int32 [N, T], boxes float32 [N, T, 4] (cxcywh,
   normalized), valid bool [N, T] with T = config.data.max_boxes."""
   d = config.data
-  examples = _synthetic_module().generate(
-    d.synthetic_num_train,
-    split="train",
-    seed=d.synthetic_seed,
-    num_classes=d.synthetic_num_classes,
-    image_size=tuple(d.synthetic_image_size),
-    max_objects=d.synthetic_max_objects,
-  )
+  examples = _synthetic_module().generate_split(d, "train")
   h, w = config.image_size
   src_h, src_w = d.synthetic_image_size
   n, t = len(examples), d.max_boxes
@@ -99,40 +89,9 @@ def train_plain(dtype, steps, data):
   """(step -> train loss, {}, seconds) of one run on `plain_dataset` arrays."""
   config = tiny.get_config()
   config.model.dtype = dtype
-  model = models.build_model(config.model)
-  variables = models.init_variables(model, jax.random.key(config.seed), tuple(config.image_size))
   n = len(data["image"])
-  tx, _ = optim.create_optimizer(
-    variables["params"],
-    learning_rate=config.learning_rate,
-    backbone_lr_mult=config.backbone_lr_mult,
-    weight_decay=config.weight_decay,
-    grad_clip_norm=config.grad_clip_norm,
-    backbone_trainable=tuple(config.model.backbone_trainable),
-    steps_per_epoch=n // config.batch_size,
-    lr_drop_epochs=config.lr_drop_epochs,
-    lr_drop_factor=config.lr_drop_factor,
-    warmup_steps=config.warmup_steps,
-  )
-  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
+  step, state = train_step.build_step(config, config.image_size[0], n // config.batch_size)
   dropout_root = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-  @jax.jit
-  def step(params, opt_state, batch, i):
-    def loss_of(p):
-      out = model.apply(
-        {**variables, "params": p},
-        batch["image"],
-        train=True,
-        rngs={"dropout": jax.random.fold_in(dropout_root, i)},
-      )
-      return loss_fn(out, batch)[0]
-
-    loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  params, opt_state = variables["params"], tx.init(variables["params"])
   rng = np.random.default_rng(config.seed)
   order, losses, t = np.empty(0, int), {}, time.time()
   for i in range(steps):
@@ -140,8 +99,7 @@ def train_plain(dtype, steps, data):
       order = np.concatenate([order, rng.permutation(n)])
     idx, order = order[: config.batch_size], order[config.batch_size :]
     batch = {k: v[idx] for k, v in data.items()}
-    params, opt_state, loss = step(params, opt_state, batch, jnp.int32(i))
-    losses[i + 1] = loss
+    state, losses[i + 1] = step(state, batch, jax.random.fold_in(dropout_root, i))
   losses = {k: float(v) for k, v in losses.items()}
   return losses, {}, time.time() - t
 

@@ -71,27 +71,23 @@ def _batch(batch, size, num_targets=8, seed=0):
   }
 
 
-def _build_step(size, dtype, matcher, remat, conv, attention="auto"):
-  """(jitted donated train step (state, batch, rng) -> (state, loss), initial state)."""
+def benchmark_config(dtype="float32", matcher="auto", remat=False, conv="auto", attention="auto"):
+  """configs/base.py (DETR-R50, the reference's optimizer) with the benchmark's switches."""
   config = base.get_config()
-  config.model.attention = attention
   config.model.dtype = dtype
   config.model.remat = remat
   config.model.conv = conv
+  config.model.attention = attention
   config.loss.matcher = matcher
+  return config
+
+
+def build_step(config, size, steps_per_epoch=1000):
+  """(jitted donated train step (state, batch, rng) -> (state, loss), initial state) of
+  `config`'s model, loss and optimizer: forward, matching, loss, backward, clipped AdamW."""
   model = models.build_model(config.model)
-  variables = models.init_variables(model, jax.random.key(0), (size, size))
-  tx, _ = optim.create_optimizer(
-    variables["params"],
-    learning_rate=1e-4,
-    backbone_lr_mult=1.0,
-    weight_decay=1e-4,
-    grad_clip_norm=0.1,
-    backbone_trainable=tuple(config.model.backbone_trainable),
-    steps_per_epoch=1000,
-    lr_drop_epochs=400,
-    lr_drop_factor=0.1,
-  )
+  variables = models.init_variables(model, jax.random.key(config.seed), (size, size))
+  tx, _ = optim.create_optimizer_from_config(variables["params"], config, steps_per_epoch)
   loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
 
   def step(state, batch, rng):
@@ -116,7 +112,8 @@ def model_flops(size, batch, dtype="float32", matcher="auto", remat=False):
   compiled (never run) for the host CPU: XLA:GPU's cost analysis leaves out the convolutions
   that run as cuDNN calls, so the CPU count is the one comparable across backends."""
   with jax.default_device(jax.devices("cpu")[0]):
-    step, state = _build_step(size, dtype, matcher, remat, "xla", attention="xla")
+    config = benchmark_config(dtype, matcher, remat, conv="xla", attention="xla")
+    step, state = build_step(config, size)
     lowered = step.lower(state, _batch(batch, size), jax.random.key(1))
     return lowered.compile().cost_analysis().get("flops")
 
@@ -125,7 +122,7 @@ def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="a
   """(run one step -> seconds, executed FLOPs as XLA counts them on this backend)."""
   data = jax.device_put(_batch(batch, size))
   rng = jax.random.key(1)
-  step, state = _build_step(size, dtype, matcher, remat, conv)
+  step, state = build_step(benchmark_config(dtype, matcher, remat, conv), size)
   compiled = step.lower(state, data, rng).compile()
   executed = compiled.cost_analysis().get("flops", float("nan"))
   holder = [state]

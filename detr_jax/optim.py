@@ -76,6 +76,24 @@ def create_optimizer(
   return tx, schedule
 
 
+def create_optimizer_from_config(params, config, steps_per_epoch):
+  """`create_optimizer` with the top-level optimizer fields of an experiment config
+  (learning_rate, backbone_lr_mult, weight_decay, grad_clip_norm, lr_drop_epochs,
+  lr_drop_factor, warmup_steps, model.backbone_trainable). Returns (tx, schedule)."""
+  return create_optimizer(
+    params,
+    learning_rate=config.learning_rate,
+    backbone_lr_mult=config.backbone_lr_mult,
+    weight_decay=config.weight_decay,
+    grad_clip_norm=config.grad_clip_norm,
+    backbone_trainable=tuple(config.model.backbone_trainable),
+    steps_per_epoch=steps_per_epoch,
+    lr_drop_epochs=config.lr_drop_epochs,
+    lr_drop_factor=config.lr_drop_factor,
+    warmup_steps=config.warmup_steps,
+  )
+
+
 def _label_mask(labels, value):
   """Boolean pytree: True where the label equals `value`."""
   flat = flax.traverse_util.flatten_dict(labels)

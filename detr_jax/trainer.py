@@ -115,17 +115,8 @@ def train_and_evaluate(config, workdir):
   image_size = tuple(config.image_size)
   init_rng = jax.random.key(config.seed)
   abstract_vars = jax.eval_shape(lambda: models.init_variables(model, init_rng, image_size))
-  tx, schedule = optim.create_optimizer(
-    abstract_vars["params"],
-    learning_rate=config.learning_rate,
-    backbone_lr_mult=config.backbone_lr_mult,
-    weight_decay=config.weight_decay,
-    grad_clip_norm=config.grad_clip_norm,
-    backbone_trainable=tuple(config.model.backbone_trainable),
-    steps_per_epoch=steps_per_epoch,
-    lr_drop_epochs=config.lr_drop_epochs,
-    lr_drop_factor=config.lr_drop_factor,
-    warmup_steps=config.warmup_steps,
+  tx, schedule = optim.create_optimizer_from_config(
+    abstract_vars["params"], config, steps_per_epoch
   )
   trainable = models.trainable_mask(abstract_vars["params"], config.model.backbone_trainable)
   loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes, mesh=mesh)

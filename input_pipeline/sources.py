@@ -212,16 +212,10 @@ def synthetic_source(cfg):
   k = cfg.synthetic_num_classes
   labels = LabelSpace(k, np.arange(1, k + 1, dtype=np.int64), list(synthetic.SHAPES[:k]))
   h, w = cfg.synthetic_image_size
-  kwargs = dict(
-    seed=cfg.synthetic_seed,
-    num_classes=k,
-    image_size=(h, w),
-    max_objects=cfg.synthetic_max_objects,
-  )
   tables = {}
   gt = _empty_gt(labels)
-  for split, num in (("train", cfg.synthetic_num_train), ("eval", cfg.synthetic_num_eval)):
-    examples = synthetic.generate(num, split=split, **kwargs)
+  for split in ("train", "eval"):
+    examples = synthetic.generate_split(cfg, split)
     rows = []
     for i, ex in enumerate(examples):
       rows.append(

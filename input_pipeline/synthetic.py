@@ -58,6 +58,20 @@ def generate(num_images, *, split, seed, num_classes, image_size, max_objects):
     return list(pool.map(lambda i: _generate_one(i, **args), range(num_images)))
 
 
+def generate_split(data_config, split):
+  """`generate` with the `synthetic_*` fields of `config.data`: the 'train' split
+  (`synthetic_num_train` images) or the 'eval' split (`synthetic_num_eval`)."""
+  d = data_config
+  return generate(
+    d.synthetic_num_train if split == "train" else d.synthetic_num_eval,
+    split=split,
+    seed=d.synthetic_seed,
+    num_classes=d.synthetic_num_classes,
+    image_size=tuple(d.synthetic_image_size),
+    max_objects=d.synthetic_max_objects,
+  )
+
+
 def _generate_one(index, *, split, seed, num_classes, image_size, max_objects):
   rng = np.random.default_rng([seed, split, index])
   h, w = image_size

@@ -57,15 +57,7 @@ def trained(tmp_path_factory):
 
 
 def _synthetic_eval(config):
-  d = config.data
-  return synthetic.generate(
-    d.synthetic_num_eval,
-    split="eval",
-    seed=d.synthetic_seed,
-    num_classes=d.synthetic_num_classes,
-    image_size=tuple(d.synthetic_image_size),
-    max_objects=d.synthetic_max_objects,
-  )
+  return synthetic.generate_split(config.data, "eval")
 
 
 def _write_inputs(directory, config):
