@@ -46,8 +46,12 @@ def resolve(impl):
 
 
 # XLA:CPU fuses a dot's element-wise consumers into its YNNPACK call with this (experimental)
-# option: a DETR-R50 step at 512 x 512 took 2.5-4% less time (docs/benchmarks.md).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+# option: a DETR-R50 step at 512 x 512 took 2.5-4% less time (docs/benchmarks.md). REDUCE must
+# stay in the list: without it XLA rewrites every large reduction (LayerNorm, softmax, the
+# gradient norm) into an unfused square + reduce-window, 15x slower (gradient norm 27 vs 1.6 ms).
+_CPU_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 @functools.cache
