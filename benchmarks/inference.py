@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from configs import base
-from detr_jax import conv, models, postprocess
+from detr_jax import conv, host_memory, models, postprocess
 
 
 def make_ours(size, batch, dtype, conv_impl):
@@ -80,7 +80,9 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
   args = parser.parse_args()
+  kept = host_memory.keep_freed_memory()
   print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+  print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   print("| resolution | batch | implementation | s/batch (median) | images/s | time vs torch |")
   print("|---|---|---|---|---|---|")
   for size in args.sizes:

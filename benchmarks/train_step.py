@@ -17,9 +17,10 @@ also on attention weights and after the FFN activation, as the reference's
 nn.MultiheadAttention and FFN (transformers defaults those two to 0).
 
 The implementations alternate step by step (`--rounds` rounds of one step each, after
-warm-up, with a 1 s pause before each step so that neither starts while the other's OpenMP or
-Eigen threads still spin), so a machine whose speed drifts (shared hosts) affects both alike;
-the ratio is the median of the per-round ratios.
+`--warmup` untimed alternating rounds in which the heaps of both grow to their working size,
+with a 1 s pause before each step so that neither starts while the other's OpenMP or Eigen
+threads still spin), so a machine whose speed drifts (shared hosts) affects both alike; the
+ratio is the median of the per-round ratios.
 
   python benchmarks/train_step.py --size 512 --batch 2 --rounds 7 --torch
 """
@@ -35,8 +36,8 @@ import optax
 
 from configs import base
 from detr_jax import conv as conv_lib
+from detr_jax import host_memory, models, optim
 from detr_jax import loss as loss_lib
-from detr_jax import models, optim
 
 REFERENCE_TRAINABLE = 41_302_368  # DETR-R50: everything but the stem and layer1
 
@@ -193,6 +194,9 @@ def main():
   parser.add_argument("--size", type=int, default=512)
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument(
+    "--warmup", type=int, default=2, help="untimed alternating rounds before the timed ones"
+  )
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--matcher", default="auto")
   parser.add_argument("--conv", default="auto", help="config.model.conv: auto | xla | matmul")
@@ -201,8 +205,10 @@ def main():
   parser.add_argument("--no-ours", action="store_true", help="time only the PyTorch reference")
   parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
   args = parser.parse_args()
+  kept = host_memory.keep_freed_memory()
 
   print(f"{platform.processor() or platform.machine()}, backend {jax.default_backend()}, ")
+  print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   print(f"devices {jax.devices()}, jax {jax.__version__}")
   flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat)
   runners, executed = {}, None
@@ -220,6 +226,10 @@ def main():
       runners["torch (transformers), bf16 autocast"] = make_torch(
         args.size, args.batch, autocast=True
       )
+  for _ in range(args.warmup):
+    for run in runners.values():
+      time.sleep(1.0)
+      run()
   times = {name: [] for name in runners}
   peaks = []
   for _ in range(args.rounds):

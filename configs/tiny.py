@@ -4,8 +4,9 @@ python train.py --config configs/tiny.py --workdir /tmp/detr_tiny
 
 Measured with that command on the quiet 2-core CPU box (Intel Xeon, AVX-512): about 31
 images/s, COCO AP50 0.52-0.54 after 1800 steps (8.5 minutes from the command), 0.78-0.86 at
-20 minutes; the whole 20-epoch run ends in 22-24 minutes at AP50 0.79-0.86 (two runs). See
-docs/benchmarks.md.
+20 minutes; the whole 20-epoch run ends in 22-24 minutes at AP50 0.79-0.86 (two runs). Since
+`host_memory.keep_freed_memory` training runs at 35.5-36 images/s (measured over 200 steps;
+the full run not yet repeated). See docs/benchmarks.md.
 """
 
 from configs import base
