@@ -208,8 +208,8 @@ def main():
   kept = host_memory.keep_freed_memory()
 
   print(f"{platform.processor() or platform.machine()}, backend {jax.default_backend()}, ")
-  print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   print(f"devices {jax.devices()}, jax {jax.__version__}")
+  print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat)
   runners, executed = {}, None
   if not args.no_ours:

@@ -14,7 +14,9 @@ RSS 2.45 -> 2.70 GB), and Python waits for each CPU execution instead of queuein
 faster, 31 -> 36 images/s, not slower).
 
 Call it at program start, before JAX creates its CPU client (the dispatch setting is read
-then). Set DETR_JAX_KEEP_HOST_MEMORY=0 to keep JAX's and glibc's defaults.
+then; the platform is not known yet, so it applies on GPU and TPU hosts too, where the
+dispatch setting touches only JAX's host-side CPU client and the heap setting still keeps
+the peak heap). Set DETR_JAX_KEEP_HOST_MEMORY=0 to keep JAX's and glibc's defaults.
 """
 
 import ctypes
