@@ -12,6 +12,7 @@ import functools
 import time
 
 import jax
+import machine_info
 import numpy as np
 
 from configs import base
@@ -81,7 +82,7 @@ def main():
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
   args = parser.parse_args()
   kept = host_memory.keep_freed_memory()
-  print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+  print(machine_info.describe())
   print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   print("| resolution | batch | implementation | s/batch (median) | images/s | time vs torch |")
   print("|---|---|---|---|---|---|")

@@ -23,7 +23,6 @@ Timed (each jitted and warmed up first, median of `--repeats` runs, min in paren
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -34,6 +33,8 @@ import optax
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import machine_info  # noqa: E402
+
 from detr_jax import matcher  # noqa: E402
 
 
@@ -161,19 +162,6 @@ def sweep_slots(images, layers, repeats, seed, slot_counts, which):
   return rows
 
 
-def machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return (
-    f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, jax {jax.__version__}, "
-    f"optax {optax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
-  )
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, nargs="+", default=[36, 64])
@@ -183,7 +171,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sweep_slots", action="store_true")
   args = parser.parse_args()
-  print(machine())
+  print(f"{machine_info.describe()}, optax {optax.__version__}")
 
   if args.sweep_slots:
     for which in ("_greedy_slots", "_num_slots"):
