@@ -20,7 +20,9 @@ The implementations alternate step by step (`--rounds` rounds of one step each, 
 `--warmup` untimed alternating rounds in which the heaps of both grow to their working size,
 with a 1 s pause before each step so that neither starts while the other's OpenMP or Eigen
 threads still spin), so a machine whose speed drifts (shared hosts) affects both alike; the
-ratio is the median of the per-round ratios.
+ratio is the median of the per-round ratios. Utilization is printed twice: median step time
+against the median peak, and the median over rounds of each step against the peak measured
+in its own round.
 
   python benchmarks/train_step.py --size 512 --batch 2 --rounds 7 --torch
 """
