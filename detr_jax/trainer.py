@@ -18,6 +18,7 @@ import optax
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
+from orbax.checkpoint import multihost as ocp_multihost
 
 import input_pipeline
 from configs import base
@@ -282,6 +283,8 @@ def train_and_evaluate(config, workdir):
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
+      if step == start_step + 1 and jax.process_count() > 1:
+        train_step = _compile_then_sync(train_step, state, batch, step)
       state, metrics = train_step(state, batch)
       pending.append(metrics)
       report(step)
@@ -312,6 +315,19 @@ def train_and_evaluate(config, workdir):
     writer.flush()
     signal.signal(signal.SIGTERM, previous_handler)
   return {"train": train_metrics, "eval": eval_metrics, "step": int(jax.device_get(state["step"]))}
+
+
+def _compile_then_sync(step_fn, state, batch, step):
+  """`step_fn` compiled for these arguments, returned once every process has compiled it.
+
+  The first collective of a CPU multi-process run sets up gloo, which waits only 30 s for
+  the other processes; on a busy 2-core host one process can reach it more than 30 s after
+  another (compiling, building its input pipeline) and the run dies. A coordination-service
+  barrier with a long timeout, after compiling, lines the processes up first.
+  """
+  compiled = step_fn.lower(state, batch).compile()
+  ocp_multihost.sync_global_processes(f"detr_jax_compiled_step_{step}", timeout=3600)
+  return compiled
 
 
 def read_scalars(workdir, tag="train/loss"):
