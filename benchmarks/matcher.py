@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import machine_info  # noqa: E402
 
 from detr_jax import matcher  # noqa: E402
+from detr_jax.matcher import jax_solver  # noqa: E402
 
 
 def detr_problems(rng, images, layers, t=100, q=100, mean_targets=7.3):
@@ -144,21 +145,21 @@ def run(images, layers, repeats, optax_repeats, seed):
 
 
 def sweep_slots(images, layers, repeats, seed, slot_counts, which):
-  """Time of the batched jax matcher with `matcher.<which>` (a slot count rule) fixed to S."""
+  """Time of the batched jax matcher with `jax_solver.<which>` (a slot count rule) fixed to S."""
   rng = np.random.default_rng(seed)
   cost, valid, _ = detr_problems(rng, images, layers)
   n, t, q = images * layers, cost.shape[-2], cost.shape[-1]
   flat_c, flat_v = jnp.asarray(cost).reshape(n, t, q), jnp.asarray(valid).reshape(n, t)
-  solve = matcher._solve_batch.__wrapped__  # not the module's jit: its trace caches S
-  original = getattr(matcher, which)
+  solve = jax_solver._solve_batch.__wrapped__  # not the module's jit: its trace caches S
+  original = getattr(jax_solver, which)
   rows = []
   try:
     for s in slot_counts:
-      setattr(matcher, which, lambda n, s=s: min(n, s))
+      setattr(jax_solver, which, lambda n, s=s: min(n, s))
       fn = jax.jit(lambda c, v: solve(c, v))  # a new function: no cached trace
       rows.append((s, timed(lambda fn=fn: fn(flat_c, flat_v), repeats)))
   finally:
-    setattr(matcher, which, original)
+    setattr(jax_solver, which, original)
   return rows
 
 
@@ -179,7 +180,7 @@ def main():
         n = images * args.layers
         print(
           f"\n{which}: {images} images x {args.layers} layers ({n} problems),"
-          f" default {getattr(matcher, which)(n)}"
+          f" default {getattr(jax_solver, which)(n)}"
         )
         print("| slots | median ms | min ms |\n|---|---|---|")
         counts = [8, 16, 24, 32, 48, 64, 96]

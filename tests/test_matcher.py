@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from detr_jax import matcher
+from detr_jax.matcher import jax_solver, scipy_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("jax", "scipy")
@@ -171,8 +172,8 @@ def test_low_precision_costs(method):
 
 def test_vmapped_scipy_is_one_callback(monkeypatch):
   calls = []
-  host = matcher._scipy_host
-  monkeypatch.setattr(matcher, "_scipy_host", lambda c, v: calls.append(c.shape) or host(c, v))
+  host = scipy_path._scipy_host
+  monkeypatch.setattr(scipy_path, "_scipy_host", lambda c, v: calls.append(c.shape) or host(c, v))
   rng = np.random.default_rng(8)
   cost = rng.random((4, 3, 5, 6)).astype(np.float32)
   valid = rng.random((4, 3, 5)) < 0.7
@@ -267,10 +268,10 @@ def test_padding_costs_no_loop_steps():
 
   @jax.jit
   def steps(cost, rowok):
-    bits = matcher._pack_bits(rowok)
+    bits = jax_solver._pack_bits(rowok)
     n_rows = jnp.sum(jax.lax.population_count(bits), axis=1).astype(jnp.int32)
-    fix = matcher._identity_params(cost.shape[0])
-    return matcher._match(cost, bits, n_rows, None, fix)[2]  # [greedy, augmenting] steps
+    fix = jax_solver._identity_params(cost.shape[0])
+    return jax_solver._match(cost, bits, n_rows, None, fix)[2]  # [greedy, augmenting] steps
 
   compact = np.asarray(steps(real, jnp.ones((P, 5), bool)))
   np.testing.assert_array_equal(steps(jnp.asarray(padded), jnp.asarray(valid)), compact)

@@ -1,21 +1,16 @@
-"""Hungarian matcher: exact linear sum assignment inside jit, batched and shard-local.
+"""The "jax" method: a batched pure-JAX linear sum assignment solver.
 
-`assign(cost, valid)` matches the targets of each problem (rows of `cost`) to queries (columns)
-so that the total cost is minimal, exactly like `scipy.optimize.linear_sum_assignment` on the
-valid rows. The DETR loss calls it once per step on `cost: [B, L, T, Q]` (B images, L decoder
-layers, T padded targets, Q queries).
-
-Methods
--------
-`"jax"`: a pure-JAX solver of the Jonker-Volgenant / Crouse family that scipy also implements
-(a greedy start, then shortest augmenting paths with Dijkstra on reduced costs), written for a
-batch of N problems in two `lax.while_loop`s:
+A solver of the Jonker-Volgenant / Crouse family that scipy also implements (a greedy start,
+then shortest augmenting paths with Dijkstra on reduced costs), written for a batch of N
+problems in two `lax.while_loop`s. `assign_jax` is the entry point of `detr_jax.matcher.assign`;
+the semantics it shares with the scipy method are in the `detr_jax.matcher` docstring.
 
 * Greedy start: with row duals u = row minimum and column duals v = 0, each valid row takes a
   free column among its minima, in row order; rows that find none are left for the second
   loop. Every matched pair is tight and no reduced cost is negative, so this is a valid start
   for augmenting paths. A loop step takes the next 8 valid rows of a problem in each of S1
-  slots (S1 about N/8): O(S1 * 8 * Q). On DETR-like costs about 90% of the rows end here.
+  slots (S1 about N/8): O(S1 * 8 * Q). On DETR-like costs most rows end here
+  (docs/benchmarks.md).
 * Augmenting paths for the rows left: each problem keeps column duals `v [Q]`, the row of each
   column `row4col [Q]` and, while it grows one augmenting path, the Dijkstra labels of the
   columns (shortest reduced path cost, predecessor row and column, visited flag) and a bit mask
@@ -34,181 +29,34 @@ batch of N problems in two `lax.while_loop`s:
   Padded targets are never queued: padding costs neither loop steps nor work, and a problem
   with no valid target costs nothing. Worst case a problem with n valid rows takes
   O(n min(n, Q)) Dijkstra steps, O(n min(n, Q) Q) time, as for scipy, but a step of the
-  lock-step loop costs tens of microseconds on the CPU where scipy's costs well under one: a
-  batch of large problems whose rows all prefer the same columns (216 fully valid 100 x 100
-  problems with near-identical rows) takes 2.6 s against scipy's 0.5 s. Under `jax.vmap` the
+  lock-step loop costs far more on the CPU than a step of scipy's C loop: a batch of large
+  problems whose rows all prefer the same columns is measured several times slower than scipy
+  (docs/benchmarks.md; use `method="scipy"` for such workloads on CPU). Under `jax.vmap` the
   mapped axis becomes one more batch dim (`custom_vmap`), so vmapped calls run the same
   batched solver, not a batched while loop.
 * Static T > Q: problems with more than Q valid targets are solved transposed (queries as
   rows); both orientations share one [N, T, T] working array.
-* Arithmetic is float32 without any pass over the whole `[N, T, Q]` array (on the CPU a row
-  argmin over [216, 100, 100] alone takes about 3 ms, twice the whole solve). Rows are checked as
+* Arithmetic is float32 without any pass over the whole `[N, T, Q]` array (on the CPU such a
+  pass alone is measured slower than the whole solve, docs/benchmarks.md). Rows are checked as
   they are used: if a valid row holds a non-finite value or a nonzero magnitude outside
   [2^-64, 2^64] (where float32 dual arithmetic could overflow or flush to zero), the batch is
   solved a second time with every gathered row mapped through its problem's sanitization:
-  scaled by a power of two to max |cost| in [0.5, 1), non-finite entries replaced as below.
-
-`"scipy"`: `scipy.optimize.linear_sum_assignment` on each problem's valid rows, in float64, via
-one `jax.pure_callback` per call (under `jax.vmap` as well: the callback receives the whole
-batch and converts it to NumPy once).
-
-`"auto"`: `"jax"` on the CPU backend, measured on the project's 2-core CPU (docs/benchmarks.md,
-`python benchmarks/matcher.py`; best of 200 runs, the box shared with other jobs): 216
-DETR-like problems (36 images x 6 layers, T = Q = 100, COCO-like target counts) take 1.5 ms with
-`"jax"` against 4.7 ms through the scipy callback (2.4 ms of which is the bare scipy loop), 384
-problems 2.4 ms against 8.1 ms. On other backends (GPU/TPU) also `"jax"`, but unmeasured (no
-accelerator was available): it needs no device-host round trip inside the step and no host
-callbacks that serialize across devices; re-run the benchmark there to confirm.
-
-Semantics shared by both methods
---------------------------------
-* Rectangular problems: with n valid targets and Q queries, exactly min(n, Q) targets are
-  matched, each to a distinct query, with minimal total cost. If n > Q the Q matched targets are
-  the optimal subset (the problem is solved transposed) and the other valid targets get -1.
-  Invalid (padded) targets always get -1 and never change the result of the valid ones,
-  whatever their costs and wherever they sit in the padding pattern.
-* Non-finite costs: a problem's NaN and +inf entries are replaced by `hi + D` and -inf entries
-  by `lo - D`, where `lo`/`hi` are the smallest/largest finite costs among its valid rows and
-  `D = (min(n, Q) + 1) * (hi - lo)` (or `max(|lo|, |hi|)`, or 1, when that is 0); the result is
-  the optimal assignment of that finite matrix. So the matcher first minimizes (number of
-  NaN/+inf entries used - number of -inf entries used), then the finite cost (NaN/+inf counted
-  as `hi`, -inf as `lo`); it never hangs or fails. Subnormal costs may count as 0.
-* Ties: any optimal assignment may be returned; the two methods can differ on ties.
-* Precision: "jax" is exact up to float32 rounding of the dual updates: in the tests its total
-  cost equals scipy's float64 optimum to a relative 1e-6 (of the sum of |cost| over the matched
-  entries). Integer-valued costs with |cost| * (min(n, Q) + 1) < 2^24 are solved exactly (all
-  dual arithmetic stays on exact integers).
-* No gradient flows through matching (the cost is wrapped in `stop_gradient`); the result is
-  int32.
+  scaled by a power of two to max |cost| in [0.5, 1), non-finite entries replaced as the
+  `detr_jax.matcher` docstring says.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 from jax import lax
 from jax.custom_batching import custom_vmap
-from jax.sharding import PartitionSpec
-
-METHODS = ("auto", "jax", "scipy")
 
 # Valid costs with a magnitude outside [2^-64, 2^64] send the batch to the sanitized re-solve.
 _SAFE_EXPONENT = 64
 
 
-def assign(cost, valid, method="auto", *, mesh=None, data_axis="data"):
-  """Optimal target -> query assignment of every problem in a batch.
-
-  Args:
-    cost: float [..., T, Q]; `cost[..., t, q]` is the cost of matching target t to query q.
-      Leading dims are batch dims (e.g. `[B, L]` images x decoder layers).
-    valid: bool [..., T]; False marks padded targets.
-    method: "auto" | "jax" | "scipy" (see the module docstring).
-    mesh: optional `jax.sharding.Mesh`. Then the first dim of `cost`/`valid` is the image batch,
-      sharded over mesh axis `data_axis`, and every device solves its own shard (`shard_map`,
-      no communication).
-    data_axis: the mesh axis name of the batch dim.
-
-  Returns:
-    int32 [..., T]: the query assigned to each target; -1 for invalid targets and, when a
-    problem has more valid targets than queries, for the valid targets left unmatched.
-  """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  cost = lax.stop_gradient(jnp.asarray(cost))
-  valid = lax.stop_gradient(jnp.asarray(valid)).astype(bool)
-  if cost.ndim < 2 or valid.shape != cost.shape[:-1]:
-    raise ValueError(f"need cost [..., T, Q] and valid [..., T], got {cost.shape}, {valid.shape}")
-  if method == "auto":
-    method = _auto_method(jax.default_backend())
-  local = _assign_jax if method == "jax" else _assign_scipy
-  if mesh is None:
-    return local(cost, valid)
-  if cost.ndim < 3:
-    raise ValueError(f"with a mesh, cost needs a leading batch dim, got {cost.shape}")
-  spec = PartitionSpec(data_axis)
-  # Per-device solve without collectives; check_vma=False because the solver's loop state starts
-  # from device-invariant constants.
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
-  return sharded(cost, valid)
-
-
-def _auto_method(backend):
-  """The faster method on `backend` (numbers in the module docstring)."""
-  del backend  # "jax" measured faster on CPU; chosen unmeasured on accelerators (no callback).
-  return "jax"
-
-
-# ---------------------------------------------------------------------------------------------
-# scipy through a callback.
-# ---------------------------------------------------------------------------------------------
-
-
-def _assign_scipy(cost, valid):
-  """`assign` with scipy on the host; cost [..., T, Q], valid [..., T] -> int32 [..., T]."""
-  if valid.size == 0 or cost.shape[-1] == 0:
-    return jnp.full(valid.shape, -1, jnp.int32)
-  out_type = jax.ShapeDtypeStruct(valid.shape, jnp.int32)
-  return jax.pure_callback(_scipy_host, out_type, cost, valid, vmap_method="broadcast_all")
-
-
-def _scipy_host(cost, valid):
-  """NumPy side of `_assign_scipy`; cost [..., T, Q], valid [..., T] -> int32 [..., T]."""
-  cost = np.asarray(cost)
-  valid = np.asarray(valid, bool)
-  t, q = cost.shape[-2:]
-  n = int(np.prod(valid.shape[:-1]))
-  costs = cost.reshape(n, t, q)
-  valids = valid.reshape(n, t)
-  out = np.full(valids.shape, -1, np.int32)
-  if q == 0:
-    return out.reshape(valid.shape)
-  # All valid rows at once (sorted by problem), then one slice per problem.
-  prob, rows = np.nonzero(valids)
-  picked = costs[prob, rows].astype(np.float64)  # [M, Q]
-  finite = np.isfinite(picked).all(axis=1)
-  counts = np.bincount(prob, minlength=n)
-  ends = np.cumsum(counts)
-  for b in np.flatnonzero(counts):
-    end = ends[b]
-    start = end - counts[b]
-    sub = picked[start:end]
-    if not finite[start:end].all():
-      sub = sanitize_costs(sub, min(counts[b], q))
-    r, c = scipy.optimize.linear_sum_assignment(sub)
-    out[b, rows[start + r]] = c
-  return out.reshape(valid.shape)
-
-
-def sanitize_costs(cost, n):
-  """The finite matrix that defines the result for non-finite costs (NumPy, float64).
-
-  Args:
-    cost: float [R, C], the valid rows of one problem.
-    n: number of pairs to be matched, min(R, C).
-
-  Returns:
-    float64 [R, C]: NaN and +inf replaced by `hi + D`, -inf by `lo - D` (module docstring).
-  """
-  cost = np.asarray(cost, np.float64)
-  finite = np.isfinite(cost)
-  lo = cost[finite].min() if finite.any() else 0.0
-  hi = cost[finite].max() if finite.any() else 0.0
-  span = hi - lo
-  amax = max(abs(lo), abs(hi))
-  base = span if span > 0 else (amax if amax > 0 else 1.0)
-  d = (n + 1) * base
-  out = np.where(np.isnan(cost) | (cost == np.inf), hi + d, cost)
-  return np.where(cost == -np.inf, lo - d, out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure-JAX solver.
-# ---------------------------------------------------------------------------------------------
-
-
 @custom_vmap
-def _assign_jax(cost, valid):
+def assign_jax(cost, valid):
   """`assign` in JAX; cost [..., T, Q], valid [..., T] -> int32 [..., T]."""
   *lead, t, q = cost.shape
   n = int(np.prod(lead, dtype=np.int64))
@@ -218,7 +66,7 @@ def _assign_jax(cost, valid):
   return out.reshape(valid.shape)
 
 
-@_assign_jax.def_vmap
+@assign_jax.def_vmap
 def _assign_jax_vmap(axis_size, in_batched, cost, valid):
   """Under vmap, the mapped axis is just one more leading batch dim: no batched while loop."""
   cost_batched, valid_batched = in_batched
@@ -226,7 +74,7 @@ def _assign_jax_vmap(axis_size, in_batched, cost, valid):
     cost = jnp.broadcast_to(cost, (axis_size,) + cost.shape)
   if not valid_batched:
     valid = jnp.broadcast_to(valid, (axis_size,) + valid.shape)
-  return _assign_jax(cost, valid), True
+  return assign_jax(cost, valid), True
 
 
 @jax.jit
@@ -324,7 +172,8 @@ def _sanitize_params(cost, rowok, colok, n_rows):
 
   Returns:
     float32 [N, 4]: scale factors s1, s2 (powers of two; their product is the scale), the value
-    of NaN/+inf and the value of -inf (module docstring: non-finite costs). See `_apply_params`.
+    of NaN/+inf and the value of -inf (`detr_jax.matcher` docstring: non-finite costs). See
+    `_apply_params`.
   """
   mask = rowok[:, :, None]
   if colok is not None:
@@ -393,7 +242,7 @@ def _greedy_slots(n):
 def _num_slots(n):
   """Problems the augmenting loop works on side by side (tuned in benchmarks/matcher.py).
 
-  A loop step costs about (5 + 0.55 S) us on the 2-core CPU and the trip count is about
+  A loop step gets dearer with S (linearly, docs/benchmarks.md) and the trip count is about
   max(steps of the largest problem, total steps / S); after the greedy phase few rows are left,
   and S ~ n / 12 balances the two for COCO-like target counts.
   """
