@@ -10,7 +10,7 @@ import json
 
 from absl import app, flags, logging
 
-from detr_jax import checkpoint, evaluation, host_memory, sharding
+from detr_jax import evaluation, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir written by train.py or detr_jax.convert.")
@@ -25,9 +25,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.keep_freed_memory()
-  checkpoint.quiet_orbax_logging()
-  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  runtime.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   metrics, step = evaluation.evaluate_workdir(FLAGS.workdir, FLAGS.step, FLAGS.override)
   logging.info("Step %d: %s", step, json.dumps(metrics))
 

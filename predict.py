@@ -14,7 +14,7 @@ the file names when all are integers (COCO style), else 1..N in sorted path orde
 
 from absl import app, flags, logging
 
-from detr_jax import checkpoint, host_memory, prediction
+from detr_jax import prediction, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir written by train.py or detr_jax.convert.")
@@ -32,8 +32,7 @@ flags.mark_flags_as_required(["workdir", "images", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.keep_freed_memory()
-  checkpoint.quiet_orbax_logging()
+  runtime.start()
   summary = prediction.predict_files(
     FLAGS.workdir,
     FLAGS.images,

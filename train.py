@@ -11,7 +11,7 @@ Resumes from the latest checkpoint in --workdir. Multi-host: on Cloud TPU pods a
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from detr_jax import checkpoint, host_memory, sharding, trainer
+from detr_jax import runtime, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -25,9 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  host_memory.keep_freed_memory()
-  checkpoint.quiet_orbax_logging()
-  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  runtime.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info("Finished at step %d: %s", result["step"], result["eval"] or result["train"])
 

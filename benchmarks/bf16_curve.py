@@ -28,7 +28,9 @@ import train_step  # benchmarks/train_step.py: the same jitted step as the speed
 from PIL import Image
 
 from configs import tiny
+from detr_jax import runtime
 
+# input_pipeline.transforms' constants, repeated: --data plain runs without TensorFlow.
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -91,7 +93,6 @@ def train_plain(dtype, steps, data):
   config.model.dtype = dtype
   n = len(data["image"])
   step, state = train_step.build_step(config, config.image_size[0], n // config.batch_size)
-  dropout_root = jax.random.fold_in(jax.random.key(config.seed), 1)
   rng = np.random.default_rng(config.seed)
   order, losses, t = np.empty(0, int), {}, time.time()
   for i in range(steps):
@@ -99,7 +100,8 @@ def train_plain(dtype, steps, data):
       order = np.concatenate([order, rng.permutation(n)])
     idx, order = order[: config.batch_size], order[config.batch_size :]
     batch = {k: v[idx] for k, v in data.items()}
-    state, losses[i + 1] = step(state, batch, jax.random.fold_in(dropout_root, i))
+    state, metrics = step(state, batch)
+    losses[i + 1] = metrics["loss"]
   losses = {k: float(v) for k, v in losses.items()}
   return losses, {}, time.time() - t
 
@@ -110,6 +112,7 @@ def main():
   parser.add_argument("--window", type=int, default=50)
   parser.add_argument("--data", default="pipeline", choices=("pipeline", "plain"))
   args = parser.parse_args()
+  runtime.start(tensorflow=args.data == "pipeline")
   print(f"backend {jax.default_backend()}, devices {jax.devices()}")
   runs = {}
   if args.data == "plain":
@@ -117,9 +120,6 @@ def main():
     for dtype in ("float32", "bfloat16"):
       runs[dtype] = train_plain(dtype, args.steps, data)
   else:
-    from detr_jax import checkpoint
-
-    checkpoint.quiet_orbax_logging()
     with tempfile.TemporaryDirectory() as tmp:
       for dtype in ("float32", "bfloat16"):
         runs[dtype] = train(dtype, args.steps, os.path.join(tmp, dtype))

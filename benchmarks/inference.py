@@ -8,7 +8,6 @@ python benchmarks/inference.py --sizes 800 1024 --batch 1 --steps 5 --torch
 """
 
 import argparse
-import functools
 import time
 
 import jax
@@ -16,7 +15,7 @@ import machine_info
 import numpy as np
 
 from configs import base
-from detr_jax import conv, host_memory, models, postprocess
+from detr_jax import models, postprocess, runtime
 
 
 def make_ours(size, batch, dtype, conv_impl):
@@ -26,11 +25,7 @@ def make_ours(size, batch, dtype, conv_impl):
   config.conv = conv_impl
   model = models.build_model(config)
   variables = models.init_variables(model, jax.random.key(0), (size, size))
-
-  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
-  def predict(variables, images, sizes):
-    out = model.apply(variables, images)
-    return postprocess.postprocess(out["pred_logits"], out["pred_boxes"], sizes)
+  predict = postprocess.make_predict_fn(model)  # what evaluation and predict.py run
 
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.normal(size=(batch, size, size, 3)).astype(np.float32))
@@ -81,7 +76,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
   args = parser.parse_args()
-  kept = host_memory.keep_freed_memory()
+  kept = runtime.start(tensorflow=False)
   print(machine_info.describe())
   print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   print("| resolution | batch | implementation | s/batch (median) | images/s | time vs torch |")

@@ -1,7 +1,8 @@
 """Times DETR's full training step, ours (JAX) and optionally the transformers PyTorch DETR.
 
-Ours: forward, Hungarian matching of all decoder layers, set loss, backward, clipped AdamW
-update -- one jitted, donated step. Two FLOP counts, both from XLA's cost analysis: the
+Ours: the trainer's own step (`detr_jax/train_step.py`): forward, Hungarian matching of all
+decoder layers, set loss, backward, clipped AdamW update, gradient norm and the non-finite
+guard -- one jitted, donated step. Two FLOP counts, both from XLA's cost analysis: the
 "model" FLOPs of the step with direct convolutions (`model.conv="xla"`, the arithmetic the
 reference does), and the "executed" FLOPs of the step as compiled (on CPU the Winograd kernel
 gradients of detr_jax/conv.py do fewer multiplications). The machine's matmul peak is a large
@@ -33,13 +34,12 @@ import time
 import jax
 import jax.numpy as jnp
 import machine_info
+import ml_collections
 import numpy as np
-import optax
 
 from configs import base
-from detr_jax import conv as conv_lib
-from detr_jax import host_memory, models, optim
-from detr_jax import loss as loss_lib
+from detr_jax import runtime, sharding, train_state
+from detr_jax import train_step as step_lib
 
 REFERENCE_TRAINABLE = 41_302_368  # DETR-R50: everything but the stem and layer1
 
@@ -85,55 +85,46 @@ def benchmark_config(dtype="float32", matcher="auto", remat=False, conv="auto", 
   return config
 
 
-def build_step(config, size, steps_per_epoch=1000):
-  """(jitted donated train step (state, batch, rng) -> (state, loss), initial state) of
-  `config`'s model, loss and optimizer: forward, matching, loss, backward, clipped AdamW."""
-  model = models.build_model(config.model)
-  variables = models.init_variables(model, jax.random.key(config.seed), (size, size))
-  tx, _ = optim.create_optimizer_from_config(variables["params"], config, steps_per_epoch)
-  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes)
-
-  def step(state, batch, rng):
-    params, opt_state = state
-
-    def f(p):
-      out = model.apply(
-        {**variables, "params": p}, batch["image"], train=True, rngs={"dropout": rng}
-      )
-      return loss_fn(out, batch)[0]
-
-    loss, grads = jax.value_and_grad(f)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  state = (variables["params"], tx.init(variables["params"]))
-  return jax.jit(step, donate_argnums=0, compiler_options=conv_lib.compiler_options()), state
+def build_step(config, size, steps_per_epoch=1000, mesh=None):
+  """(the trainer's jitted, donated step `(state, batch) -> (state, metrics)`, its fresh
+  state) for `config` at `size` x `size`: forward, matching, set loss, backward, clipped
+  AdamW, gradient norm and the non-finite guard (`detr_jax/train_step.py`)."""
+  mesh = mesh or sharding.create_mesh()
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.image_size = (size, size)
+  model, tx, step_fn = step_lib.from_config(config, mesh, steps_per_epoch)
+  abstract = train_state.abstract_state(model, tx)
+  state = train_state.fresh_state(
+    model, tx, config, train_state.state_shardings(abstract, mesh, config.fsdp)
+  )
+  return step_lib.jit_step(step_fn, state, mesh), state
 
 
 def model_flops(size, batch, dtype="float32", matcher="auto", remat=False):
   """FLOPs of one train step with direct convolutions, from XLA's cost analysis of the step
   compiled (never run) for the host CPU: XLA:GPU's cost analysis leaves out the convolutions
   that run as cuDNN calls, so the CPU count is the one comparable across backends."""
-  with jax.default_device(jax.devices("cpu")[0]):
+  cpu = jax.devices("cpu")[:1]
+  with jax.default_device(cpu[0]):
     config = benchmark_config(dtype, matcher, remat, conv="xla", attention="xla")
-    step, state = build_step(config, size)
-    lowered = step.lower(state, _batch(batch, size), jax.random.key(1))
+    step, state = build_step(config, size, mesh=sharding.create_mesh(cpu))
+    lowered = step.lower(state, _batch(batch, size))
     return lowered.compile().cost_analysis().get("flops")
 
 
 def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="auto"):
   """(run one step -> seconds, executed FLOPs as XLA counts them on this backend)."""
-  data = jax.device_put(_batch(batch, size))
-  rng = jax.random.key(1)
-  step, state = build_step(benchmark_config(dtype, matcher, remat, conv), size)
-  compiled = step.lower(state, data, rng).compile()
+  mesh = sharding.create_mesh()
+  data = jax.device_put(_batch(batch, size), sharding.data_sharding(mesh))
+  step, state = build_step(benchmark_config(dtype, matcher, remat, conv), size, mesh=mesh)
+  compiled = step.lower(state, data).compile()
   executed = compiled.cost_analysis().get("flops", float("nan"))
   holder = [state]
 
   def run():
     t = time.perf_counter()
-    holder[0], loss = compiled(holder[0], data, rng)
-    loss.block_until_ready()
+    holder[0], metrics = compiled(holder[0], data)
+    metrics["loss"].block_until_ready()
     return time.perf_counter() - t
 
   run()
@@ -207,8 +198,7 @@ def main():
   parser.add_argument("--no-ours", action="store_true", help="time only the PyTorch reference")
   parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
   args = parser.parse_args()
-  kept = host_memory.keep_freed_memory()
-
+  kept = runtime.start(tensorflow=False)
   print(machine_info.describe())
   print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
   flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat)

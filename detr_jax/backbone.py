@@ -84,10 +84,10 @@ class Conv(nn.Module):
 
   features: int
   kernel_size: int
+  impl: str  # conv.conv2d's `impl` (config.model.conv)
   stride: int = 1
   dilation: int = 1
   dtype: jnp.dtype = jnp.float32
-  impl: str = "auto"
   forward_only: bool = False  # no gradient flows through it (frozen stage, inference)
   kernel_init: Callable = _conv_init
   bias_init: Callable | None = None
@@ -107,12 +107,12 @@ class BasicBlock(nn.Module):
   """ResNet-18/34 block: 3x3 conv (stride) -> 3x3 conv, identity or 1x1 projection shortcut."""
 
   features: int
+  conv: str  # config.model.conv
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
-  conv: str = "auto"
   forward_only: bool = False
   expansion = 1
 
@@ -120,10 +120,10 @@ class BasicBlock(nn.Module):
   def __call__(self, x):
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv, forward_only=self.forward_only)
     bn = functools.partial(FrozenBatchNorm, self.dtype, self.calibrate)
-    y = nn.relu(bn(name="bn1")(conv(self.features, 3, self.stride, name="conv1")(x)))
+    y = nn.relu(bn(name="bn1")(conv(self.features, 3, stride=self.stride, name="conv1")(x)))
     y = bn(name="bn2")(conv(self.features, 3, name="conv2")(y))
     if self.downsample:
-      x = conv(self.features, 1, self.stride, name="downsample_conv")(x)
+      x = conv(self.features, 1, stride=self.stride, name="downsample_conv")(x)
       x = bn(name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -132,12 +132,12 @@ class Bottleneck(nn.Module):
   """ResNet-50/101 block (v1.5): 1x1 -> 3x3 (stride, dilation) -> 1x1 (x4 channels)."""
 
   features: int
+  conv: str  # config.model.conv
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   dtype: jnp.dtype = jnp.float32
   calibrate: bool = False
-  conv: str = "auto"
   forward_only: bool = False
   expansion = 4
 
@@ -146,11 +146,11 @@ class Bottleneck(nn.Module):
     conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv, forward_only=self.forward_only)
     bn = functools.partial(FrozenBatchNorm, self.dtype, self.calibrate)
     y = nn.relu(bn(name="bn1")(conv(self.features, 1, name="conv1")(x)))
-    y = conv(self.features, 3, self.stride, self.dilation, name="conv2")(y)
+    y = conv(self.features, 3, stride=self.stride, dilation=self.dilation, name="conv2")(y)
     y = nn.relu(bn(name="bn2")(y))
     y = bn(name="bn3")(conv(self.features * 4, 1, name="conv3")(y))
     if self.downsample:
-      x = conv(self.features * 4, 1, self.stride, name="downsample_conv")(x)
+      x = conv(self.features * 4, 1, stride=self.stride, name="downsample_conv")(x)
       x = bn(name="downsample_bn")(x)
     return nn.relu(x + y)
 
@@ -169,12 +169,12 @@ class ResNet(nn.Module):
     conv: convolution implementation, see `conv.conv2d` ("auto": per backend).
   """
 
-  depth: str = "resnet50"
-  dilation: bool = False
-  trainable: Sequence[str] = ("layer2", "layer3", "layer4")
-  dtype: jnp.dtype = jnp.float32
-  calibrate_bn: bool = False
-  conv: str = "auto"
+  depth: str
+  dilation: bool
+  trainable: Sequence[str]
+  dtype: jnp.dtype
+  calibrate_bn: bool
+  conv: str
 
   @nn.compact
   def __call__(self, x, train=True):
@@ -205,7 +205,7 @@ class ResNet(nn.Module):
 
     x = x.astype(self.dtype)
     x = Conv(
-      64, 7, 2, dtype=self.dtype, impl=self.conv, forward_only="stem" in forward_only, name="conv1"
+      64, 7, self.conv, 2, dtype=self.dtype, forward_only="stem" in forward_only, name="conv1"
     )(x)
     x = nn.relu(FrozenBatchNorm(self.dtype, self.calibrate_bn, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

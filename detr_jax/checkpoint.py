@@ -8,15 +8,13 @@ complete, so a crash mid-save never leaves a checkpoint that a restart would loa
 """
 
 import json
-import logging as std_logging
 import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
 
-from detr_jax import config_utils, models, sharding
+from detr_jax import config_utils, files, models, sharding
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -64,11 +62,8 @@ def restore(manager, step, *, variables, opt_state=None):
 def save_config(workdir, config):
   """Writes the run's config as JSON into the workdir."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  files.write_atomic(os.path.join(workdir, CONFIG_FILE), lambda f: f.write(text.encode()))
 
 
 def load_config(workdir):
@@ -91,13 +86,6 @@ def write_variables(workdir, variables, config, step=0):
   manager.close()
 
 
-def quiet_orbax_logging():
-  """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show)."""
-  logging.get_absl_handler().addFilter(
-    lambda r: "/orbax/" not in r.pathname or r.levelno >= std_logging.WARNING
-  )
-
-
 def restore_model(workdir, step=None, overrides=(), mesh=None):
   """The model and variables of a workdir's checkpoint `step` (default: the latest).
 
@@ -107,9 +95,7 @@ def restore_model(workdir, step=None, overrides=(), mesh=None):
   config = config_utils.apply_overrides(load_config(workdir), overrides)
   mesh = mesh or sharding.create_mesh()
   model = models.build_model(config.model)
-  abstract = jax.eval_shape(
-    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
-  )
+  abstract = models.abstract_variables(model)
   repl = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract)
   manager = create_manager(workdir, read_only=True)

@@ -17,14 +17,17 @@ gradient in memory before the kernel-gradient matmul, which costs more than the 
 - other convolutions (the 7x7 stem, strided or dilated 3x3) keep XLA's forward and input
   gradient and compute their kernel gradient with im2col matmuls (`custom_vjp`);
 - with `forward_only` (frozen stages, through which no gradient flows, and inference) every
-  convolution is XLA's, the fastest forward once `compiler_options()` fuses its epilogue.
+  convolution is XLA's, the fastest forward once `runtime.compiler_options()` fuses its
+  epilogue.
 
 `impl="auto"` picks "matmul" on CPU and "xla" elsewhere. Tests compare every path with XLA's
 convolution and its autodiff gradients. On a 2-core CPU this took the DETR-R50 backbone's
 forward + backward at 512 x 512, batch 2, from 3.1 s to 0.9 s.
 
-`compiler_options()` holds the XLA:CPU option that fuses element-wise epilogues (frozen
-BatchNorm, ReLU, bias) into those matmuls; the training and evaluation steps compile with it.
+`dot_general_for(impl)` gives the transformer's `nn.Dense` layers the same choice: with
+"matmul" their gradients are 2-D matmuls too (`matmul`), with "xla" they are XLA's own.
+The XLA:CPU option that fuses element-wise epilogues (frozen BatchNorm, ReLU, bias) into these
+matmuls lives in `detr_jax/runtime.py` (`compiler_options`).
 """
 
 import functools
@@ -45,29 +48,7 @@ def resolve(impl):
   return impl
 
 
-# XLA:CPU fuses a dot's element-wise consumers into its YNNPACK call with this (experimental)
-# option: a DETR-R50 step at 512 x 512 took 2.5-4% less time (docs/benchmarks.md). REDUCE must
-# stay in the list: without it XLA rewrites every large reduction (LayerNorm, softmax, the
-# gradient norm) into an unfused square + reduce-window, 15x slower (gradient norm 27 vs 1.6 ms).
-_CPU_OPTIONS = {
-  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-}
-
-
-@functools.cache
-def compiler_options():
-  """`jax.jit(..., compiler_options=...)` for the backend: on CPU the epilogue-fusion option
-  above, if this jaxlib knows it (a trial compile; an unknown option yields {}); else {}."""
-  if jax.default_backend() != "cpu":
-    return {}
-  try:
-    jax.jit(lambda x: x @ x, compiler_options=_CPU_OPTIONS).lower(jnp.ones((2, 2))).compile()
-  except Exception:  # an XLA without the option rejects it at compile time
-    return {}
-  return dict(_CPU_OPTIONS)
-
-
-def conv2d(x, w, stride=1, dilation=1, impl="auto", forward_only=False):
+def conv2d(x, w, stride, dilation, impl, forward_only=False):
   """Convolution with symmetric padding `dilation * (k // 2)`, as torchvision's ResNet.
 
   Args:
@@ -76,7 +57,7 @@ def conv2d(x, w, stride=1, dilation=1, impl="auto", forward_only=False):
     stride, dilation: ints, the same along both spatial axes.
     impl: "auto" | "xla" | "matmul" (see the module docstring).
     forward_only: no gradient will be taken through this call (a frozen stage, or
-      inference): use the fastest forward, XLA's convolution (with `compiler_options()`).
+      inference): use the fastest forward, XLA's convolution.
 
   Returns:
     [B, ceil(H / stride), ceil(W / stride), K] in the dtype of `x` and `w`.
@@ -137,11 +118,25 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` for `nn.Dense` (last axis of lhs with axis 0 of rhs) through `matmul`."""
+  """`lax.dot_general` for `nn.Dense` (last axis of lhs with axis 0 of rhs) through `matmul`.
+
+  A call that asks for a `precision` or `preferred_element_type` goes to `lax.dot_general`
+  unchanged (the custom-gradient `matmul` has neither).
+  """
   (lc, rc), batch = dimension_numbers
   if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or any(batch) or rhs.ndim != 2:
     raise ValueError(f"dense_dot_general serves nn.Dense only, got {dimension_numbers}")
+  if precision is not None or preferred_element_type is not None:
+    return jax.lax.dot_general(
+      lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
+    )
   return matmul(lhs, rhs)
+
+
+def dot_general_for(impl):
+  """The `dot_general` for `nn.Dense` layers under convolution implementation `impl`:
+  `dense_dot_general` where `impl` resolves to "matmul", else `lax.dot_general`."""
+  return dense_dot_general if resolve(impl) == "matmul" else jax.lax.dot_general
 
 
 def _bdot(a, b, contract):

@@ -143,14 +143,6 @@ def reference_key(collection, path):
   raise KeyError(f"No reference key for {collection}/{'/'.join(path)}")
 
 
-def _abstract_variables(model_config):
-  model = models.build_model(model_config)
-  stride = 16 if model_config.dilation else 32
-  return jax.eval_shape(
-    lambda: models.init_variables(model, jax.random.key(0), (stride * 2, stride * 2))
-  )
-
-
 def _import(
   state_dict,
   abstract,
@@ -195,7 +187,7 @@ def torch_to_flax(state_dict, model_config):
   `num_batches_tracked` entries are ignored; any other extra, missing or mis-shaped key
   raises a ValueError that lists them all.
   """
-  abstract = _abstract_variables(model_config)
+  abstract = models.abstract_variables(models.build_model(model_config))
   flat = _import(state_dict, abstract, ignore=lambda k: k.endswith("num_batches_tracked"))
   return flax.traverse_util.unflatten_dict(flat)
 

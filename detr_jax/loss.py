@@ -24,9 +24,7 @@ import jax.numpy as jnp
 from detr_jax import box_ops, matcher
 
 
-def match_cost(
-  pred_logits, pred_boxes, labels, boxes, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0
-):
+def match_cost(pred_logits, pred_boxes, labels, boxes, cost_class, cost_bbox, cost_giou):
   """Matching cost of every (target, query) pair.
 
   Args:
@@ -60,15 +58,15 @@ def set_loss(
   targets,
   *,
   num_classes,
-  class_weight=1.0,
-  bbox_weight=5.0,
-  giou_weight=2.0,
-  eos_coef=0.1,
-  aux_loss=True,
-  cost_class=1.0,
-  cost_bbox=5.0,
-  cost_giou=2.0,
-  matcher_method="auto",
+  class_weight,
+  bbox_weight,
+  giou_weight,
+  eos_coef,
+  aux_loss,
+  cost_class,
+  cost_bbox,
+  cost_giou,
+  matcher_method,
   mesh=None,
 ):
   """Total DETR loss and its logged terms.

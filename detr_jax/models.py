@@ -23,7 +23,7 @@ def _torch_linear_init(fan_in):
 class BoxHead(nn.Module):
   """The 3-layer box MLP (D -> D -> D -> 4, ReLU between) with sigmoid: [..., D] -> [..., 4]."""
 
-  dtype: jnp.dtype = jnp.float32
+  dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x):
@@ -46,22 +46,22 @@ class BoxHead(nn.Module):
 class DETR(nn.Module):
   """DETR. Attributes mirror the `config.model` fields (see configs/base.py)."""
 
-  num_classes: int = 91
-  num_queries: int = 100
-  hidden_dim: int = 256
-  num_heads: int = 8
-  num_encoder_layers: int = 6
-  num_decoder_layers: int = 6
-  dim_feedforward: int = 2048
-  dropout: float = 0.1
-  pre_norm: bool = False
-  backbone: str = "resnet50"
-  dilation: bool = False
-  backbone_trainable: Sequence[str] = ("layer2", "layer3", "layer4")
-  attention: str = "auto"
-  conv: str = "auto"
-  remat: bool = False
-  dtype: jnp.dtype = jnp.float32
+  num_classes: int
+  num_queries: int
+  hidden_dim: int
+  num_heads: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  dim_feedforward: int
+  dropout: float
+  pre_norm: bool
+  backbone: str
+  dilation: bool
+  backbone_trainable: Sequence[str]
+  attention: str
+  conv: str
+  remat: bool
+  dtype: jnp.dtype
   calibrate_bn: bool = False  # see calibrate_batch_norm
 
   @nn.compact
@@ -92,10 +92,10 @@ class DETR(nn.Module):
     x = backbone_lib.Conv(
       self.hidden_dim,
       1,
+      self.conv,
       kernel_init=init,
       bias_init=init,
       dtype=self.dtype,
-      impl=self.conv,
       name="input_proj",
     )(feats)
     b, h, w, d = x.shape
@@ -111,6 +111,7 @@ class DETR(nn.Module):
       dropout=self.dropout,
       pre_norm=self.pre_norm,
       attention=self.attention,
+      conv=self.conv,
       remat=self.remat,
       dtype=self.dtype,
       name="transformer",
@@ -170,6 +171,16 @@ def init_variables(model, rng, image_size, batch_size=1):
   images = jnp.zeros((batch_size, *image_size, 3), jnp.float32)
   variables = model.init(rng, images, train=False)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def abstract_variables(model):
+  """`init_variables`' pytree as `jax.ShapeDtypeStruct`s, computed without running anything.
+
+  The variables' shapes do not depend on the image size (the position embedding is a
+  constant of the feature grid), so the smallest valid size is used.
+  """
+  side = 2 * backbone_lib.output_stride(model.dilation)
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (side, side)))
 
 
 def calibrate_batch_norm(model, variables, images):

@@ -5,11 +5,13 @@ rest, boxes cxcywh -> xyxy scaled by each image's original width and height. No 
 threshold: every query is a detection (COCO maxDets = 100).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import box_ops
+from detr_jax import box_ops, runtime
 
 
 def postprocess(pred_logits, pred_boxes, orig_sizes):
@@ -31,6 +33,18 @@ def postprocess(pred_logits, pred_boxes, orig_sizes):
   scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
   boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * scale
   return {"scores": scores, "labels": labels, "boxes": boxes}
+
+
+def make_predict_fn(model):
+  """The jitted inference of evaluation, prediction and the benchmarks: (variables, images
+  [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections."""
+
+  @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
+  def predict(variables, images, orig_sizes):
+    out = model.apply(variables, images, train=False)
+    return postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
+
+  return predict
 
 
 def to_coco_results(detections, image_ids, label_to_category_id, mask=None):

@@ -19,7 +19,6 @@ import concurrent.futures
 import functools
 import glob
 import io
-import json
 import os
 import time
 
@@ -35,9 +34,9 @@ from detr_jax import (
   attention_maps,
   backbone,
   checkpoint,
-  conv,
-  evaluation,
+  files,
   postprocess,
+  runtime,
   sharding,
   visualize,
 )
@@ -190,9 +189,9 @@ def make_predict_fn(model, grid=None, num_attention=0):
   plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top queries
   over the feature `grid` (h, w)."""
   if not num_attention:
-    return evaluation.make_predict_fn(model)
+    return postprocess.make_predict_fn(model)
 
-  @functools.partial(jax.jit, compiler_options=conv.compiler_options())
+  @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
     out, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     det = postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
@@ -207,16 +206,8 @@ def make_predict_fn(model, grid=None, num_attention=0):
 # ---------------------------------------------------------------------------------------------
 # Outputs.
 # ---------------------------------------------------------------------------------------------
-def _write_atomic(path, write):
-  """Calls `write(file)` on a temporary binary file, then renames it to `path`."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
-
-
 def _save_png(path, image):
-  _write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+  files.write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def _save_attention(out_dir, name, image, det, b, maps, score_threshold, class_names):
@@ -239,7 +230,7 @@ def _save_attention(out_dir, name, image, det, b, maps, score_threshold, class_n
   )
   stem = os.path.splitext(name)[0]
   _save_png(os.path.join(out_dir, name), panel)
-  _write_atomic(
+  files.write_atomic(
     os.path.join(out_dir, stem + ".npz"),
     lambda f: np.savez_compressed(
       f,
@@ -356,9 +347,7 @@ def predict_files(
   for r in results:
     r["category_name"] = cat_names[r["category_id"]]
     r["file_name"] = file_names[r["image_id"]]
-  _write_atomic(
-    os.path.join(output_dir, DETECTIONS_FILE), lambda f: f.write(json.dumps(results).encode())
-  )
+  files.write_json(os.path.join(output_dir, DETECTIONS_FILE), results)
   summary = {
     "step": step,
     "num_images": done,

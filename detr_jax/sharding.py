@@ -31,10 +31,12 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
       raise
 
 
-def create_mesh():
-  """A 1-D mesh over all devices of all hosts, axis "data" (Auto sharding mode)."""
+def create_mesh(devices=None):
+  """A 1-D mesh, axis "data" (Auto sharding mode), over `devices` (default: all devices of
+  all hosts)."""
+  devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh(
-    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+    (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
   )
 
 

@@ -111,15 +111,17 @@ class Attention(nn.Module):
     implementation: "xla" (explicit einsum softmax, supports dropout), "cudnn"
       (`jax.nn.dot_product_attention` flash kernel; no attention-probability dropout, so
       training with dropout falls back to "xla"), or "auto" (see `attention_implementation`).
+    conv: `config.model.conv`; picks the projections' `dot_general` (`conv.dot_general_for`).
   """
 
   num_heads: int
-  dropout: float = 0.0
-  implementation: str = "auto"
-  dtype: jnp.dtype = jnp.float32
+  dropout: float
+  implementation: str
+  conv: str
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, query, key, value, deterministic=True):
+  def __call__(self, query, key, value, deterministic):
     """query [B, Lq, D], key [B, Lk, D], value [B, Lk, D] -> [B, Lq, D]."""
     d = query.shape[-1]
     head_dim = d // self.num_heads
@@ -131,7 +133,7 @@ class Attention(nn.Module):
         bias_init=nn.initializers.zeros,
         dtype=self.dtype,
         param_dtype=jnp.float32,
-        dot_general=conv.dense_dot_general,
+        dot_general=conv.dot_general_for(self.conv),
         name=name,
       )(x)
       return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
@@ -157,7 +159,7 @@ class Attention(nn.Module):
       bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=jnp.float32,
-      dot_general=conv.dense_dot_general,
+      dot_general=conv.dot_general_for(self.conv),
       name="out_proj",
     )(out)
 
@@ -166,11 +168,12 @@ class FeedForward(nn.Module):
   """linear1 -> ReLU -> dropout -> linear2: [..., D] -> [..., D]."""
 
   dim_feedforward: int
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
+  dropout: float
+  conv: str
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic):
     d = x.shape[-1]
     dense = lambda n, fan_in, name: nn.Dense(
       n,
@@ -178,7 +181,7 @@ class FeedForward(nn.Module):
       bias_init=_torch_bias_init(fan_in),
       dtype=self.dtype,
       param_dtype=jnp.float32,
-      dot_general=conv.dense_dot_general,
+      dot_general=conv.dot_general_for(self.conv),
       name=name,
     )
     y = nn.relu(dense(self.dim_feedforward, d, "linear1")(x))
@@ -191,16 +194,19 @@ class EncoderLayer(nn.Module):
 
   num_heads: int
   dim_feedforward: int
-  dropout: float = 0.0
-  pre_norm: bool = False
-  attention: str = "auto"
-  dtype: jnp.dtype = jnp.float32
+  dropout: float
+  pre_norm: bool
+  attention: str
+  conv: str
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x, pos, deterministic=True):
+  def __call__(self, x, pos, deterministic):
     """x: [B, N, D] tokens, pos: [N, D] position embedding -> [B, N, D]."""
-    attn = Attention(self.num_heads, self.dropout, self.attention, self.dtype, name="self_attn")
-    ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="linear")
+    attn = Attention(
+      self.num_heads, self.dropout, self.attention, self.conv, self.dtype, name="self_attn"
+    )
+    ffn = FeedForward(self.dim_feedforward, self.dropout, self.conv, self.dtype, name="linear")
     drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
     norm1 = _layer_norm(self.dtype, "norm1")
     norm2 = _layer_norm(self.dtype, "norm2")
@@ -217,19 +223,20 @@ class DecoderLayer(nn.Module):
 
   num_heads: int
   dim_feedforward: int
-  dropout: float = 0.0
-  pre_norm: bool = False
-  attention: str = "auto"
-  dtype: jnp.dtype = jnp.float32
+  dropout: float
+  pre_norm: bool
+  attention: str
+  conv: str
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, t, memory, pos, query_pos, deterministic=True):
+  def __call__(self, t, memory, pos, query_pos, deterministic):
     """t: [B, Q, D], memory: [B, N, D], pos: [N, D], query_pos: [Q, D] -> [B, Q, D]."""
     mk_attn = lambda name: Attention(
-      self.num_heads, self.dropout, self.attention, self.dtype, name=name
+      self.num_heads, self.dropout, self.attention, self.conv, self.dtype, name=name
     )
     self_attn, cross_attn = mk_attn("self_attn"), mk_attn("multihead_attn")
-    ffn = FeedForward(self.dim_feedforward, self.dropout, self.dtype, name="linear")
+    ffn = FeedForward(self.dim_feedforward, self.dropout, self.conv, self.dtype, name="linear")
     drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
     norm1, norm2, norm3 = (_layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
     k_mem = memory + pos
@@ -250,18 +257,19 @@ class Transformer(nn.Module):
   Returns the output of every decoder layer after the shared final LayerNorm.
   """
 
-  num_heads: int = 8
-  num_encoder_layers: int = 6
-  num_decoder_layers: int = 6
-  dim_feedforward: int = 2048
-  dropout: float = 0.1
-  pre_norm: bool = False
-  attention: str = "auto"
-  remat: bool = False
-  dtype: jnp.dtype = jnp.float32
+  num_heads: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  dim_feedforward: int
+  dropout: float
+  pre_norm: bool
+  attention: str
+  conv: str
+  remat: bool
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, src, pos, query_embed, deterministic=True):
+  def __call__(self, src, pos, query_embed, deterministic):
     """src: [B, N, D] projected features, pos: [N, D], query_embed: [Q, D] -> [L, B, Q, D]."""
     kw = dict(
       num_heads=self.num_heads,
@@ -269,6 +277,7 @@ class Transformer(nn.Module):
       dropout=self.dropout,
       pre_norm=self.pre_norm,
       attention=self.attention,
+      conv=self.conv,
       dtype=self.dtype,
     )
     enc_cls, dec_cls = EncoderLayer, DecoderLayer

@@ -88,8 +88,9 @@ import logging
 import tensorflow as tf
 
 
-def _hide_accelerators_from_tensorflow():
-  """Keeps TensorFlow on the CPU so JAX has the accelerators' memory to itself."""
+def keep_tensorflow_off_accelerators():
+  """Keeps TensorFlow on the CPU so JAX has the accelerators' memory to itself (called by
+  `detr_jax.runtime.start`, before TensorFlow initializes its devices)."""
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
@@ -105,13 +106,17 @@ def _hide_accelerators_from_tensorflow():
         )
 
 
-_hide_accelerators_from_tensorflow()
-
-from input_pipeline.pipeline import (  # noqa: E402  (after hiding the accelerators)
+from input_pipeline.pipeline import (  # noqa: E402
   DatasetInfo,
   create_eval_iterator,
   create_train_iterator,
   get_dataset_info,
 )
 
-__all__ = ["DatasetInfo", "create_eval_iterator", "create_train_iterator", "get_dataset_info"]
+__all__ = [
+  "DatasetInfo",
+  "create_eval_iterator",
+  "create_train_iterator",
+  "get_dataset_info",
+  "keep_tensorflow_off_accelerators",
+]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from detr_jax import evaluation
+from detr_jax import config_utils, metrics
 
 
 def _gt(annotations, num_images=2):
@@ -32,12 +32,12 @@ def _det(img, cat, bbox, score):
 def test_coco_metrics_perfect_and_empty():
   gt = _gt([(1, 1, [10, 10, 30, 40], False), (2, 2, [50, 20, 40, 40], False)])
   perfect = [_det(1, 1, [10, 10, 30, 40], 0.9), _det(2, 2, [50, 20, 40, 40], 0.8)]
-  metrics, table = evaluation.coco_metrics(gt, perfect)
-  assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
-  assert len(metrics) == 12 and "Average Precision" in table
+  scores, table = metrics.coco_metrics(gt, perfect)
+  assert scores["AP"] == pytest.approx(1.0) and scores["AP50"] == pytest.approx(1.0)
+  assert len(scores) == 12 and "Average Precision" in table
   wrong_class = [_det(1, 2, [10, 10, 30, 40], 0.9)]
-  assert evaluation.coco_metrics(gt, wrong_class)[0]["AP50"] == pytest.approx(0.0)
-  assert evaluation.coco_metrics(gt, [])[0]["AP"] == 0.0
+  assert metrics.coco_metrics(gt, wrong_class)[0]["AP50"] == pytest.approx(0.0)
+  assert metrics.coco_metrics(gt, [])[0]["AP"] == 0.0
 
 
 def test_voc_map50_follows_the_voc_protocol():
@@ -49,34 +49,34 @@ def test_voc_map50_follows_the_voc_protocol():
     _det(1, 1, [60, 60, 30, 30], 0.8),
     _det(1, 1, [0, 70, 10, 10], 0.7),
   ]
-  assert evaluation.voc_map50(gt, dets) == pytest.approx(1.0)
+  assert metrics.voc_map50(gt, dets) == pytest.approx(1.0)
   # A false positive ranked first halves the precision at full recall.
   dets = [_det(1, 1, [0, 70, 10, 10], 0.95), _det(1, 1, [11, 10, 30, 30], 0.9)]
-  assert evaluation.voc_map50(gt, dets) == pytest.approx(0.5)
-  assert evaluation.voc_map50(gt, dets, use_07_metric=True) == pytest.approx(0.5)
+  assert metrics.voc_map50(gt, dets) == pytest.approx(0.5)
+  assert metrics.voc_map50(gt, dets, use_07_metric=True) == pytest.approx(0.5)
   # A duplicate of a matched box is a false positive; IoU must exceed 0.5.
   dets = [_det(1, 1, [10, 10, 30, 30], 0.9), _det(1, 1, [10, 10, 30, 30], 0.8)]
-  assert evaluation.voc_map50(gt, dets) == pytest.approx(1.0)
+  assert metrics.voc_map50(gt, dets) == pytest.approx(1.0)
   dets = [_det(1, 1, [10, 10, 30, 30], 0.8), _det(1, 1, [25, 25, 30, 30], 0.9)]
-  assert evaluation.voc_map50(gt, dets) == pytest.approx(0.5)
+  assert metrics.voc_map50(gt, dets) == pytest.approx(0.5)
 
 
 def test_voc_map50_averages_over_categories_with_ground_truth():
   gt = _gt([(1, 1, [10, 10, 30, 30], False), (2, 2, [10, 10, 30, 30], False)])
   dets = [_det(1, 1, [10, 10, 30, 30], 0.9)]  # category 2 missed entirely
-  assert evaluation.voc_map50(gt, dets) == pytest.approx(0.5)
+  assert metrics.voc_map50(gt, dets) == pytest.approx(0.5)
   rng = np.random.default_rng(0)
   noisy = [_det(1, 1, list(rng.uniform(0, 50, 4)), float(rng.uniform())) for _ in range(20)]
-  assert 0.0 <= evaluation.voc_map50(gt, noisy) <= 1.0
+  assert 0.0 <= metrics.voc_map50(gt, noisy) <= 1.0
 
 
 def test_apply_overrides_parses_literals_and_rejects_unknown_fields():
   from configs import tiny
 
-  config = evaluation.apply_overrides(
+  config = config_utils.apply_overrides(
     tiny.get_config(), ["data.data_dir=/data/x", "image_size=(64, 96)", "model.remat=True"]
   )
   assert config.data.data_dir == "/data/x" and tuple(config.image_size) == (64, 96)
   assert config.model.remat is True
   with pytest.raises(ValueError, match="no field 'model.nope'"):
-    evaluation.apply_overrides(config, ["model.nope=1"])
+    config_utils.apply_overrides(config, ["model.nope=1"])

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from configs import tiny
-from detr_jax import checkpoint, evaluation, models, prediction
+from detr_jax import checkpoint, config_utils, models, prediction
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,13 +76,11 @@ def _flat(tree):
 def test_finetune_from_pretrained_workdir_on_coco_folder(tmp_path):
   # A "pretrained" workdir: random variables of the tiny model with 4 classes (not
   # initialized by the model, which would take a compile).
-  config = evaluation.apply_overrides(
+  config = config_utils.apply_overrides(
     tiny.get_config(), [f"{k}={v!r}" for k, v in {**MODEL, "model.num_classes": 4}.items()]
   )
   model = models.build_model(config.model)
-  abstract = jax.eval_shape(
-    lambda: models.init_variables(model, jax.random.key(0), tuple(config.image_size))
-  )
+  abstract = models.abstract_variables(model)
   rng = np.random.default_rng(7)
   pretrained = {  # random values (finite outputs: small weights, positive BN variances)
     "params": jax.tree.map(

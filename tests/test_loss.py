@@ -75,11 +75,18 @@ def _torch_losses(outputs, targets):
   return losses
 
 
+def _scipy_loss_fn():
+  """The set loss with configs/base.py's weights (the reference's) and scipy matching."""
+  config = base.get_loss_config()
+  config.matcher = "scipy"
+  return loss_lib.make_loss_fn(config, num_classes=K)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_set_loss_matches_transformers_loss(seed):
   outputs, targets = _random_problem(seed)
   ref = _torch_losses(outputs, targets)
-  fn = jax.jit(lambda o, t: loss_lib.set_loss(o, t, num_classes=K, matcher_method="scipy"))
+  fn = jax.jit(_scipy_loss_fn())
   total, metrics = fn(outputs, targets)
   for name, value in ref.items():
     np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -93,7 +100,7 @@ def test_set_loss_matches_transformers_loss(seed):
 def test_no_targets_anywhere_gives_finite_loss_and_zero_box_terms():
   outputs, targets = _random_problem(0)
   targets["valid"][:] = False
-  total, metrics = loss_lib.set_loss(outputs, targets, num_classes=K, matcher_method="scipy")
+  total, metrics = _scipy_loss_fn()(outputs, targets)
   assert np.isfinite(float(total))
   assert float(metrics["loss_bbox"]) == 0.0 and float(metrics["loss_giou"]) == 0.0
 

@@ -14,9 +14,8 @@ from configs import base
 from detr_jax import backbone, convert, models
 
 
-def _abstract(model_config, image_size=(64, 64)):
-  model = models.build_model(model_config)
-  return jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_size))
+def _abstract(model_config):
+  return models.abstract_variables(models.build_model(model_config))
 
 
 def test_r50_parameter_counts_equal_reference():
@@ -120,7 +119,9 @@ def test_backbone_matches_torch_convolutions(dilation):
   config.dilation = dilation
   variables = convert.torch_to_flax(sd, config)
   images = _images((1, 96, 128, 3), seed=1)
-  net = backbone.ResNet("resnet50", dilation=dilation)
+  net = backbone.ResNet(
+    "resnet50", dilation, ("layer2", "layer3", "layer4"), jnp.float32, False, "auto"
+  )
   ours = net.apply(
     {
       "params": variables["params"]["backbone"],

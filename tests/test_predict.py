@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from configs import tiny
-from detr_jax import attention_maps, evaluation, prediction, trainer, visualize
+from detr_jax import attention_maps, config_utils, prediction, trainer, visualize
 from input_pipeline import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ NUM_ATTENTION = 2
 def trained(tmp_path_factory):
   """(workdir, config) of the tiny model after 2 training steps and an eval of 6 images."""
   config = tiny.get_config()
-  evaluation.apply_overrides(config, [f"{k}={v!r}" for k, v in OVERRIDES.items()])
+  config_utils.apply_overrides(config, [f"{k}={v!r}" for k, v in OVERRIDES.items()])
   workdir = str(tmp_path_factory.mktemp("trained"))
   trainer.train_and_evaluate(config, workdir)
   return workdir, config

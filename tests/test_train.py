@@ -181,7 +181,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 def _tiny_config(**override):
   from configs import tiny
-  from detr_jax.evaluation import apply_overrides
+  from detr_jax.config_utils import apply_overrides
 
   config = tiny.get_config()
   return apply_overrides(config, [f"{k}={v}" for k, v in {**OVERRIDES, **override}.items()])

@@ -1,0 +1,89 @@
+"""Process start-up and the compile policy, shared by every entry point.
+
+`start()` is the first call of train.py, eval.py, predict.py and the benchmarks. In order:
+- the host memory policy (`host_memory.keep_freed_memory`: synchronous CPU dispatch, glibc
+  keeps freed heap mapped), which must come before JAX creates its CPU client;
+- orbax's per-save INFO chatter kept out of the log (its warnings still show);
+- TensorFlow (the input pipeline) kept off GPUs and TPUs, so JAX has their memory;
+- multi-host JAX (`jax.distributed`), explicit or auto-detected.
+
+`compiler_options()` is what every jitted step, train or predict, compiles with.
+`compile_then_sync` lines the processes of a multi-host run up after compiling a step.
+"""
+
+import functools
+import logging as std_logging
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from detr_jax import host_memory, sharding
+
+
+def start(coordinator_address=None, num_processes=None, process_id=None, *, tensorflow=True):
+  """Sets up this process (see the module docstring). Call it before any other JAX work.
+
+  Args:
+    coordinator_address, num_processes, process_id: explicit multi-host launch (all three),
+      or None to auto-detect (Cloud TPU pods, SLURM; nothing on a single host).
+    tensorflow: the program uses the TensorFlow input pipeline (False: never imports it).
+
+  Returns:
+    Whether the host memory policy was applied (False when opted out or not on glibc).
+  """
+  kept = host_memory.keep_freed_memory()
+  quiet_orbax_logging()
+  if tensorflow:
+    import input_pipeline
+
+    input_pipeline.keep_tensorflow_off_accelerators()
+  sharding.initialize_distributed(coordinator_address, num_processes, process_id)
+  return kept
+
+
+def quiet_orbax_logging():
+  """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show)."""
+  logging.get_absl_handler().addFilter(
+    lambda r: "/orbax/" not in r.pathname or r.levelno >= std_logging.WARNING
+  )
+
+
+# XLA:CPU fuses a dot's element-wise consumers into its YNNPACK call with this (experimental)
+# option: a DETR-R50 step at 512 x 512 took 2.5-4% less time (docs/benchmarks.md). REDUCE must
+# stay in the list: without it XLA rewrites every large reduction (LayerNorm, softmax, the
+# gradient norm) into an unfused square + reduce-window, 15x slower (docs/benchmarks.md).
+_CPU_OPTIONS = {
+  "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
+@functools.cache
+def compiler_options():
+  """`jax.jit(..., compiler_options=...)` for the default backend: on CPU the epilogue-fusion
+  option above, if this jaxlib knows it (a trial compile; an unknown option yields {}); else {}."""
+  if jax.default_backend() != "cpu":
+    return {}
+  try:
+    jax.jit(lambda x: x @ x, compiler_options=_CPU_OPTIONS).lower(jnp.ones((2, 2))).compile()
+  except Exception:  # an XLA without the option rejects it at compile time
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
+def compile_then_sync(jitted, *args, name):
+  """`jitted` compiled for `args`; in a multi-process run, returned once every process has
+  compiled it.
+
+  The first collective of a CPU multi-process run sets up gloo, which waits only 30 s for
+  the other processes; on a busy 2-core host one process can reach it more than 30 s after
+  another (compiling, building its input pipeline) and the run dies. A coordination-service
+  barrier with a long timeout, after compiling, lines the processes up first. `name` must be
+  the same on every process and unique per barrier.
+  """
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+
+    multihost.sync_global_processes(f"detr_jax_{name}", timeout=3600)
+  return compiled
