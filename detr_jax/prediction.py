@@ -9,24 +9,22 @@ every image in fixed-size batches (the last one padded), and writes into `output
   attention/STEM.png,.npz  (with `attention`) panels of the top detections' attention maps
                            (`detr_jax.attention_maps`) and the maps over the feature grid.
 
-Images are preprocessed like the eval split (`input_pipeline.transforms`: bilinear resize
-of the whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back
-to each image's original size. A file that cannot be decoded is logged and skipped.
+Images are decoded and preprocessed by the eval split's own functions
+(`input_pipeline.load_image`, `input_pipeline.preprocess_eval_image`: bilinear resize of the
+whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back to
+each image's original size. A file that cannot be decoded is logged and skipped.
 """
 
 import collections
 import concurrent.futures
 import functools
 import glob
-import io
 import json
 import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 from PIL import Image
 
@@ -41,7 +39,6 @@ from detr_jax import (
   sharding,
   visualize,
 )
-from input_pipeline import coco_format, sources, transforms
 
 DETECTIONS_FILE = "detections.json"
 IMAGES_DIR = "images"
@@ -51,10 +48,6 @@ ATTENTION_DIR = "attention"
 # ---------------------------------------------------------------------------------------------
 # Files and images.
 # ---------------------------------------------------------------------------------------------
-class UnreadableImageError(ValueError):
-  """A file that is not a decodable image."""
-
-
 def _image_extensions():
   return {ext.lower() for ext in Image.registered_extensions()}
 
@@ -92,33 +85,6 @@ def image_ids(paths):
   return list(range(1, len(paths) + 1))
 
 
-def load_image(path):
-  """Decodes an image file into uint8 [H, W, 3] RGB as the coco_folder pipeline does.
-
-  JPEG, PNG, GIF, BMP and WebP are decoded by TensorFlow (its JPEG decoder differs from
-  PIL's by a few levels); other formats PIL reads are converted to RGB by PIL. Alpha is
-  dropped. Raises `UnreadableImageError` if the file is not a readable image.
-  """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    with Image.open(io.BytesIO(data)) as image:
-      if image.format not in coco_format.TF_IMAGE_FORMATS:
-        image.load()
-        return np.asarray(image.convert("RGB"))
-      size = (image.height, image.width)
-    decoded = transforms.decode_window(tf.constant(data), transforms.full_window(size))
-    return decoded.numpy()
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, tf.errors.OpError) as e:
-    raise UnreadableImageError(f"{type(e).__name__}: {e}".strip()) from e
-
-
-def preprocess(image, image_size):
-  """uint8 [H, W, 3] -> float32 [*image_size, 3]: the eval split's resize and normalization."""
-  resized = transforms.resize(image, tuple(int(v) for v in image_size))
-  return transforms.normalize(resized).numpy()
-
-
 def _output_names(paths, ids):
   """A PNG file name per input: STEM.png, or STEM_ID.png when stems repeat."""
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -132,10 +98,10 @@ def _load_in_order(paths, image_size, pool, window):
 
   def work(path):
     try:
-      image = load_image(path)
-    except UnreadableImageError as e:
+      image = input_pipeline.load_image(path)
+    except input_pipeline.UnreadableImageError as e:
       return None, str(e)
-    return image, preprocess(image, image_size)
+    return image, input_pipeline.preprocess_eval_image(image, image_size)
 
   pending = collections.deque()
   for i, path in enumerate(paths):
@@ -168,23 +134,6 @@ def _batches(paths, image_size, batch_size, pool, skipped):
 # ---------------------------------------------------------------------------------------------
 # Model.
 # ---------------------------------------------------------------------------------------------
-def class_space(data_config):
-  """(class_names, label_to_category_id int64 [K]) of the data a model was trained on.
-
-  `input_pipeline.get_dataset_info` also counts the examples, which for the TFDS sources
-  (coco, voc) needs the prepared dataset; their label space is fixed, so it is taken from the
-  source without reading data: predicting with imported COCO weights needs no COCO download.
-  A coco_folder's annotations are read again (images only to their headers).
-  """
-  if data_config.name in ("coco", "voc"):
-    labels = sources.build_source(data_config).labels
-  else:
-    data_config = ml_collections.ConfigDict(data_config.to_dict())
-    data_config.verify_images = False  # coco_folder: headers suffice for the label space
-    labels = input_pipeline.get_dataset_info(data_config)
-  return list(labels.class_names), np.asarray(labels.label_to_category_id)
-
-
 def make_predict_fn(model, grid=None, num_attention=0):
   """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections,
   plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top queries
@@ -279,7 +228,8 @@ def predict_files(
     overrides.append("model.attention=xla")  # "cudnn" computes no attention probabilities
   mesh = sharding.create_mesh()
   config, model, variables, step = checkpoint.restore_model(workdir, step, overrides, mesh)
-  class_names, cat_ids = class_space(config.data)
+  labels = input_pipeline.label_space(config.data)  # no image or TFDS data is read
+  class_names, cat_ids = list(labels.class_names), labels.label_to_category_id
   cat_names = {int(c): n for c, n in zip(cat_ids, class_names)}
   image_size = tuple(int(v) for v in config.image_size)
   stride = backbone.output_stride(config.model.dilation)

@@ -267,7 +267,7 @@ def make_eval_example_fn(load, out_size, max_boxes):
     record = load(record)
     size = T.image_size(record["image"], record["size"])
     boxes, labels, invalid = _objects(record, size)
-    image = T.resize_and_normalize(T.decode_window(record["image"], T.full_window(size)), out_size)
+    image = T.eval_image(T.decode_window(record["image"], T.full_window(size)), out_size)
     scale = tf.cast(out_size, tf.float32) / tf.cast(size, tf.float32)
     boxes = boxes * tf.stack([scale[1], scale[0], scale[1], scale[0]])
     out = _finish(image, boxes, labels, out_size, max_boxes)
