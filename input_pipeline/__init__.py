@@ -36,13 +36,20 @@ API:
 Start-up, before building the model:
   input_pipeline.keep_tensorflow_off_accelerators()
     Before TensorFlow initializes (no TF op run yet): TensorFlow stays on the CPU.
+  input_pipeline.ensure_prepared(config.data, is_coordinator=..., barrier=...)
+    Raises DatasetNotPrepared (a message for the user: what is missing, where, the command
+    that prepares it, its size, the config fields) unless the TFDS data the config reads is
+    prepared; with `data.prepare_missing` process 0 prepares it first.
+  input_pipeline.check_prepared(config.data, train=False)
+    The same check of the eval split alone, for evaluation (which reads nothing else).
 
 Sources (`config.data.name`):
   synthetic    Procedural shapes (`input_pipeline.synthetic`), generated in memory in a few
                seconds from `synthetic_seed`; labels 0..K-1 are category ids 1..K.
-  coco         TFDS coco/2017 from `data_dir`. With `coco_category_ids_as_labels` (default)
-               labels are COCO category ids (K = 91, "N/A" for the 11 unused ids), like the
-               reference checkpoints; otherwise labels 0..79 in category-id order.
+  coco         TFDS coco/2017 from `data_dir` ("": TFDS's default). With
+               `coco_category_ids_as_labels` (default) labels are COCO category ids (K = 91,
+               "N/A" for the 11 unused ids), like the reference checkpoints; otherwise labels
+               0..79 in category-id order.
   voc          TFDS voc (`voc_train_splits`, read as their union; `voc_eval_split`); 20
                classes, category id = label + 1, image ids are a hash of the file name.
   coco_folder  Your own data: a COCO "instances" json (`*_annotations`) and an image
@@ -107,6 +114,7 @@ from input_pipeline.pipeline import (
   create_train_iterator,
   get_dataset_info,
 )
+from input_pipeline.preparation import DatasetNotPrepared, check_prepared, ensure_prepared
 from input_pipeline.sources import LabelSpace, label_space
 
 
@@ -133,10 +141,13 @@ def keep_tensorflow_off_accelerators():
 
 __all__ = [
   "DatasetInfo",
+  "DatasetNotPrepared",
   "LabelSpace",
   "UnreadableImageError",
+  "check_prepared",
   "create_eval_iterator",
   "create_train_iterator",
+  "ensure_prepared",
   "get_dataset_info",
   "keep_tensorflow_off_accelerators",
   "label_space",

@@ -62,3 +62,5 @@ def test_readme_data_dir_override(config_file, tmp_path):
   config = parse(config_file, f"--config.data.data_dir={tmp_path}")
   assert config.data.data_dir == str(tmp_path)
   assert parse(config_file).data.data_dir == ""  # TFDS's default
+  assert config.data.prepare_missing is False
+  assert parse(config_file, "--config.data.prepare_missing=True").data.prepare_missing is True
