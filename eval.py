@@ -10,6 +10,7 @@ import json
 
 from absl import app, flags, logging
 
+import input_pipeline
 from detr_jax import evaluation, runtime
 
 FLAGS = flags.FLAGS
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(runtime.main_with_user_errors(main, input_pipeline.DatasetNotPrepared))

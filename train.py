@@ -11,6 +11,7 @@ Resumes from the latest checkpoint in --workdir. Multi-host: on Cloud TPU pods a
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import input_pipeline
 from detr_jax import runtime, trainer
 
 FLAGS = flags.FLAGS
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(runtime.main_with_user_errors(main, input_pipeline.DatasetNotPrepared))

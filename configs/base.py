@@ -66,7 +66,13 @@ def get_data_config():
     dict(
       # synthetic | coco | voc | coco_folder
       name="synthetic",
-      data_dir=None,  # TFDS data_dir (None: TFDS default)
+      # coco, voc: TFDS data_dir holding the prepared datasets ("": TFDS's default,
+      # $TFDS_DATA_DIR or ~/tensorflow_datasets). The run checks at start that every dataset
+      # and split it reads is prepared there, and says how to prepare what is missing.
+      data_dir="",
+      # coco, voc: True lets the run download and prepare missing TFDS datasets itself
+      # (process 0; the other processes wait). COCO 2017 is a 25 GiB download.
+      prepare_missing=False,
       # coco (TFDS coco/2017): True maps the 80 TFDS labels to COCO category ids 1..90, so
       # the model has 91 classes like the reference checkpoints; False: labels 0..79.
       coco_category_ids_as_labels=True,

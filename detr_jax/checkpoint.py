@@ -66,15 +66,17 @@ def save_config(workdir, config):
   files.write_atomic(os.path.join(workdir, CONFIG_FILE), lambda f: f.write(text.encode()))
 
 
-def load_config(workdir):
-  """The ConfigDict saved by `save_config` (lists where the file had tuples)."""
+def load_config(workdir, overrides=()):
+  """The ConfigDict saved by `save_config` (lists where the file had tuples), with
+  `FIELD=VALUE` `overrides` applied (`config_utils.apply_overrides`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
       f"No {CONFIG_FILE} in workdir {workdir!r}: was it trained or converted?"
     )
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  return config_utils.apply_overrides(config, overrides)
 
 
 def write_variables(workdir, variables, config, step=0):
@@ -86,13 +88,13 @@ def write_variables(workdir, variables, config, step=0):
   manager.close()
 
 
-def restore_model(workdir, step=None, overrides=(), mesh=None):
-  """The model and variables of a workdir's checkpoint `step` (default: the latest).
+def restore_model(workdir, config, step=None, mesh=None):
+  """The model of `config` (the workdir's, `load_config`) and its variables at checkpoint
+  `step` (default: the latest).
 
   Returns:
-    (config with `overrides` applied, model, variables replicated over `mesh`, step).
+    (model, variables replicated over `mesh`, step).
   """
-  config = config_utils.apply_overrides(load_config(workdir), overrides)
   mesh = mesh or sharding.create_mesh()
   model = models.build_model(config.model)
   abstract = models.abstract_variables(model)
@@ -107,4 +109,4 @@ def restore_model(workdir, step=None, overrides=(), mesh=None):
     )
   variables = restore(manager, step, variables=abstract)["variables"]
   manager.close()
-  return config, model, variables, step
+  return model, variables, step

@@ -117,8 +117,10 @@ def evaluate_workdir(workdir, step=None, overrides=()):
   Prints the COCO table, writes the metrics and detections JSON into `workdir/eval`, and
   returns (metrics, step).
   """
+  config = checkpoint.load_config(workdir, overrides)
+  input_pipeline.check_prepared(config.data, train=False)  # before anything is built
   mesh = sharding.create_mesh()
-  config, model, variables, step = checkpoint.restore_model(workdir, step, overrides, mesh)
+  model, variables, step = checkpoint.restore_model(workdir, config, step, mesh)
   info = input_pipeline.get_dataset_info(config.data)
   scores, results, _, table = evaluate(
     postprocess.make_predict_fn(model), variables, config, info, mesh

@@ -9,23 +9,21 @@ every image in fixed-size batches (the last one padded), and writes into `output
   attention/STEM.png,.npz  (with `attention`) panels of the top detections' attention maps
                            (`detr_jax.attention_maps`) and the maps over the feature grid.
 
-Images are preprocessed like the eval split (`input_pipeline.transforms`: bilinear resize
-of the whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back
-to each image's original size. A file that cannot be decoded is logged and skipped.
+Images are decoded and preprocessed by the eval split's own functions
+(`input_pipeline.load_image`, `input_pipeline.preprocess_eval_image`: bilinear resize of the
+whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back to
+each image's original size. A file that cannot be decoded is logged and skipped.
 """
 
 import collections
 import concurrent.futures
 import functools
 import glob
-import io
 import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 from PIL import Image
 
@@ -40,7 +38,6 @@ from detr_jax import (
   sharding,
   visualize,
 )
-from input_pipeline import coco_format, sources, transforms
 
 DETECTIONS_FILE = "detections.json"
 IMAGES_DIR = "images"
@@ -50,10 +47,6 @@ ATTENTION_DIR = "attention"
 # ---------------------------------------------------------------------------------------------
 # Files and images.
 # ---------------------------------------------------------------------------------------------
-class UnreadableImageError(ValueError):
-  """A file that is not a decodable image."""
-
-
 def _image_extensions():
   return {ext.lower() for ext in Image.registered_extensions()}
 
@@ -91,33 +84,6 @@ def image_ids(paths):
   return list(range(1, len(paths) + 1))
 
 
-def load_image(path):
-  """Decodes an image file into uint8 [H, W, 3] RGB as the coco_folder pipeline does.
-
-  JPEG, PNG, GIF, BMP and WebP are decoded by TensorFlow (its JPEG decoder differs from
-  PIL's by a few levels); other formats PIL reads are converted to RGB by PIL. Alpha is
-  dropped. Raises `UnreadableImageError` if the file is not a readable image.
-  """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    with Image.open(io.BytesIO(data)) as image:
-      if image.format not in coco_format.TF_IMAGE_FORMATS:
-        image.load()
-        return np.asarray(image.convert("RGB"))
-      size = (image.height, image.width)
-    decoded = transforms.decode_window(tf.constant(data), transforms.full_window(size))
-    return decoded.numpy()
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, tf.errors.OpError) as e:
-    raise UnreadableImageError(f"{type(e).__name__}: {e}".strip()) from e
-
-
-def preprocess(image, image_size):
-  """uint8 [H, W, 3] -> float32 [*image_size, 3]: the eval split's resize and normalization."""
-  resized = transforms.resize(image, tuple(int(v) for v in image_size))
-  return transforms.normalize(resized).numpy()
-
-
 def _output_names(paths, ids):
   """A PNG file name per input: STEM.png, or STEM_ID.png when stems repeat."""
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -131,10 +97,10 @@ def _load_in_order(paths, image_size, pool, window):
 
   def work(path):
     try:
-      image = load_image(path)
-    except UnreadableImageError as e:
+      image = input_pipeline.load_image(path)
+    except input_pipeline.UnreadableImageError as e:
       return None, str(e)
-    return image, preprocess(image, image_size)
+    return image, input_pipeline.preprocess_eval_image(image, image_size)
 
   pending = collections.deque()
   for i, path in enumerate(paths):
@@ -167,23 +133,6 @@ def _batches(paths, image_size, batch_size, pool, skipped):
 # ---------------------------------------------------------------------------------------------
 # Model.
 # ---------------------------------------------------------------------------------------------
-def class_space(data_config):
-  """(class_names, label_to_category_id int64 [K]) of the data a model was trained on.
-
-  `input_pipeline.get_dataset_info` also counts the examples, which for the TFDS sources
-  (coco, voc) needs the prepared dataset; their label space is fixed, so it is taken from the
-  source without reading data: predicting with imported COCO weights needs no COCO download.
-  A coco_folder's annotations are read again (images only to their headers).
-  """
-  if data_config.name in ("coco", "voc"):
-    labels = sources.build_source(data_config).labels
-  else:
-    data_config = ml_collections.ConfigDict(data_config.to_dict())
-    data_config.verify_images = False  # coco_folder: headers suffice for the label space
-    labels = input_pipeline.get_dataset_info(data_config)
-  return list(labels.class_names), np.asarray(labels.label_to_category_id)
-
-
 def make_predict_fn(model, grid=None, num_attention=0):
   """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections,
   plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top queries
@@ -210,9 +159,18 @@ def _save_png(path, image):
   files.write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def _save_attention(out_dir, name, image, det, b, maps, score_threshold, class_names):
-  """The attention panel and maps of image `b` of a batch (top queries at or above the
-  threshold; at least the best one)."""
+def _save_drawing(output_dir, name, image, det, b, class_names, score_threshold):
+  """images/NAME: image `b` of a batch at its original size with its detections drawn."""
+  drawing = visualize.draw_detections(
+    image, det["boxes"][b], det["labels"][b], det["scores"][b], class_names, score_threshold
+  )
+  _save_png(os.path.join(output_dir, IMAGES_DIR, name), drawing)
+
+
+def _save_attention(output_dir, name, image, det, b, maps, score_threshold, class_names):
+  """attention/NAME.png and .npz: the attention panel and maps of image `b` of a batch (top
+  queries at or above the threshold; at least the best one)."""
+  out_dir = os.path.join(output_dir, ATTENTION_DIR)
   queries = maps["queries"][b]
   scores = det["scores"][b, queries]
   keep = scores >= score_threshold
@@ -269,9 +227,9 @@ def predict_files(
   if attention:
     overrides.append("model.attention=xla")  # "cudnn" computes no attention probabilities
   mesh = sharding.create_mesh()
-  config, model, variables, step = checkpoint.restore_model(workdir, step, overrides, mesh)
-  class_names, cat_ids = class_space(config.data)
-  cat_names = {int(c): n for c, n in zip(cat_ids, class_names)}
+  config = checkpoint.load_config(workdir, overrides)
+  model, variables, step = checkpoint.restore_model(workdir, config, step, mesh)
+  labels = input_pipeline.label_space(config.data)  # no image or TFDS data is read
   image_size = tuple(int(v) for v in config.image_size)
   stride = backbone.output_stride(config.model.dilation)
   grid = (image_size[0] // stride, image_size[1] // stride)
@@ -281,25 +239,17 @@ def predict_files(
   if batch_size % n_dev:
     batch_size += n_dev - batch_size % n_dev
     logging.info("Batch size rounded up to %d, a multiple of the %d devices", batch_size, n_dev)
-
   paths = list_images(patterns)
   ids = image_ids(paths)
-  names = _output_names(paths, ids)
-  resolved_inputs = {os.path.realpath(p) for p in paths}
-  for sub in [IMAGES_DIR] + ([ATTENTION_DIR] if attention else []):
-    os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-  for name in names:
-    if os.path.realpath(os.path.join(output_dir, IMAGES_DIR, name)) in resolved_inputs:
-      raise ValueError(f"Output {name} in {output_dir} would overwrite an input image")
+  names = _prepare_output_dir(output_dir, paths, ids, attention)
   logging.info("Predicting %d images with %s step %d", len(paths), workdir, step)
 
   # ---- Batches -------------------------------------------------------------------------
   results, skipped, writes = [], [], collections.deque()
-  done, start, last_log = 0, time.time(), 0.0
+  progress = _Progress(len(paths))
   data_sharding = sharding.data_sharding(mesh)
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     for batch in _batches(paths, image_size, batch_size, pool, skipped):
-      n = len(batch)
       images = np.zeros((batch_size, *image_size, 3), np.float32)
       sizes = np.ones((batch_size, 2), np.int32)
       for b, (_, original, pre) in enumerate(batch):
@@ -307,59 +257,82 @@ def predict_files(
       det = predict(variables, jax.device_put(images, data_sharding), sizes)
       det = jax.tree.map(np.asarray, jax.device_get(det))
       maps = det.pop("attention", None)
-      batch_ids = np.array([ids[i] for i, _, _ in batch] + [0] * (batch_size - n))
-      mask = np.arange(batch_size) < n
-      for r in postprocess.to_coco_results(det, batch_ids, cat_ids, mask):
-        if r["score"] >= score_threshold:
-          results.append(r)
+      batch_ids = np.array([ids[i] for i, _, _ in batch] + [0] * (batch_size - len(batch)))
+      mask = np.arange(batch_size) < len(batch)
+      results += [
+        r
+        for r in postprocess.to_coco_results(det, batch_ids, labels.label_to_category_id, mask)
+        if r["score"] >= score_threshold
+      ]
       for b, (i, original, _) in enumerate(batch):
-        drawing = visualize.draw_detections(
-          original,
-          det["boxes"][b],
-          det["labels"][b],
-          det["scores"][b],
-          class_names,
-          score_threshold,
-        )
-        png = os.path.join(output_dir, IMAGES_DIR, names[i])
-        writes.append(pool.submit(_save_png, png, drawing))
+        drawing = (original, det, b, labels.class_names, score_threshold)
+        writes.append(pool.submit(_save_drawing, output_dir, names[i], *drawing))
         if maps is not None:
-          attention_dir = os.path.join(output_dir, ATTENTION_DIR)
-          args = (attention_dir, names[i], original, det, b, maps, score_threshold)
-          writes.append(pool.submit(_save_attention, *args, class_names))
+          panel = (original, det, b, maps, score_threshold, labels.class_names)
+          writes.append(pool.submit(_save_attention, output_dir, names[i], *panel))
       while len(writes) > 4 * batch_size:  # bounds the memory of pending drawings
         writes.popleft().result()
-      done += n
-      if time.time() - last_log > 10 or done + len(skipped) == len(paths):
-        last_log = time.time()
-        logging.info(
-          "Predicted %d/%d images (%d skipped, %.1f images/s)",
-          done + len(skipped),
-          len(paths),
-          len(skipped),
-          done / (last_log - start),
-        )
+      progress.update(len(batch), len(skipped))
     while writes:
       writes.popleft().result()
 
   # ---- Detections JSON -----------------------------------------------------------------
+  _write_detections(output_dir, results, paths, ids, labels)
+  logging.info(
+    "Wrote %d detections of %d images to %s; skipped %d unreadable file(s)%s",
+    len(results),
+    progress.done,
+    output_dir,
+    len(skipped),
+    "".join(f"\n  {p}: {why}" for p, why in skipped),
+  )
+  return {
+    "step": step,
+    "num_images": progress.done,
+    "num_detections": len(results),
+    "skipped": skipped,
+  }
+
+
+def _prepare_output_dir(output_dir, paths, ids, attention):
+  """Creates the output folders; returns the PNG name of each input. Refuses to write over
+  an input image."""
+  names = _output_names(paths, ids)
+  inputs = {os.path.realpath(p) for p in paths}
+  for sub in [IMAGES_DIR] + ([ATTENTION_DIR] if attention else []):
+    os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+  for name in names:
+    if os.path.realpath(os.path.join(output_dir, IMAGES_DIR, name)) in inputs:
+      raise ValueError(f"Output {name} in {output_dir} would overwrite an input image")
+  return names
+
+
+class _Progress:
+  """Logs images done / total and the rate, every 10 s and at the end."""
+
+  def __init__(self, total):
+    self.total, self.done = total, 0
+    self._start, self._last = time.time(), 0.0
+
+  def update(self, done, skipped):
+    self.done += done
+    now = time.time()
+    if now - self._last > 10 or self.done + skipped == self.total:
+      self._last = now
+      logging.info(
+        "Predicted %d/%d images (%d skipped, %.1f images/s)",
+        self.done + skipped,
+        self.total,
+        skipped,
+        self.done / max(now - self._start, 1e-9),
+      )
+
+
+def _write_detections(output_dir, results, paths, ids, labels):
+  """detections.json: the COCO results plus each one's category name and file name."""
+  cat_names = {int(c): n for c, n in zip(labels.label_to_category_id, labels.class_names)}
   file_names = {ids[i]: os.path.basename(p) for i, p in enumerate(paths)}
   for r in results:
     r["category_name"] = cat_names[r["category_id"]]
     r["file_name"] = file_names[r["image_id"]]
   files.write_json(os.path.join(output_dir, DETECTIONS_FILE), results)
-  summary = {
-    "step": step,
-    "num_images": done,
-    "num_detections": len(results),
-    "skipped": skipped,
-  }
-  logging.info(
-    "Wrote %d detections of %d images to %s; skipped %d unreadable file(s)%s",
-    len(results),
-    done,
-    output_dir,
-    len(skipped),
-    "".join(f"\n  {p}: {why}" for p, why in skipped),
-  )
-  return summary

@@ -13,6 +13,7 @@
 
 import functools
 import logging as std_logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,36 @@ def compiler_options():
   return dict(_CPU_OPTIONS)
 
 
+class UserError(Exception):
+  """An error whose message is the whole answer for the user (what is wrong, where, what to
+  do): the entry points print it without a traceback (`main_with_user_errors`)."""
+
+
+def main_with_user_errors(main, *error_types):
+  """`main` for `absl.app.run`, ending with the message alone and exit status 1 on a
+  `UserError` or one of `error_types` (e.g. `input_pipeline.DatasetNotPrepared`)."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (UserError, *error_types) as e:
+      logging.flush()
+      print(f"\nERROR: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  return wrapped
+
+
+def sync_processes(name, timeout=3600):
+  """Returns once every process of a multi-process run has called it with `name` (unique per
+  barrier); at once in a single-process run. `timeout` in seconds."""
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+
+    multihost.sync_global_processes(f"detr_jax_{name}", timeout=timeout)
+
+
 def compile_then_sync(jitted, *args, name):
   """`jitted` compiled for `args`; in a multi-process run, returned once every process has
   compiled it.
@@ -82,8 +113,5 @@ def compile_then_sync(jitted, *args, name):
   the same on every process and unique per barrier.
   """
   compiled = jitted.lower(*args).compile()
-  if jax.process_count() > 1:
-    from orbax.checkpoint import multihost
-
-    multihost.sync_global_processes(f"detr_jax_{name}", timeout=3600)
+  sync_processes(name)
   return compiled

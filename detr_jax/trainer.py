@@ -83,6 +83,11 @@ def train_and_evaluate(config, workdir):
   """
   # ---- Config, mesh, data --------------------------------------------------------------
   validate_config(config, jax.device_count(), jax.process_count())
+  input_pipeline.ensure_prepared(  # before anything is built: a missing dataset says so first
+    config.data,
+    is_coordinator=jax.process_index() == 0,
+    barrier=lambda: runtime.sync_processes("data_prepared", timeout=48 * 3600),
+  )
   mesh = sharding.create_mesh()
   info = input_pipeline.get_dataset_info(config.data)
   if info.num_classes != config.model.num_classes:

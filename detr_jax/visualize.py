@@ -3,8 +3,7 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from input_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _COLORS = [
   (230, 25, 75),

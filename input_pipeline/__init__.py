@@ -24,12 +24,32 @@ API:
     of batches. `batches.counters` as for training.
   process_index/process_count default to jax.process_index()/jax.process_count().
 
+  labels = input_pipeline.label_space(config.data)
+    -> LabelSpace: num_classes, label_to_category_id, class_names, without reading images or
+       TFDS data (what `predict.py` needs of the data a model was trained on).
+  image = input_pipeline.load_image(path)
+    -> uint8 [H0, W0, 3], decoded as the coco_folder pipeline does (UnreadableImageError if
+       it is not an image).
+  x = input_pipeline.preprocess_eval_image(image, (H, W))
+    -> float32 [H, W, 3], the eval split's resize and normalization (the same function).
+
+Start-up, before building the model:
+  input_pipeline.keep_tensorflow_off_accelerators()
+    Before TensorFlow initializes (no TF op run yet): TensorFlow stays on the CPU.
+  input_pipeline.ensure_prepared(config.data, is_coordinator=..., barrier=...)
+    Raises DatasetNotPrepared (a message for the user: what is missing, where, the command
+    that prepares it, its size, the config fields) unless the TFDS data the config reads is
+    prepared; with `data.prepare_missing` process 0 prepares it first.
+  input_pipeline.check_prepared(config.data, train=False)
+    The same check of the eval split alone, for evaluation (which reads nothing else).
+
 Sources (`config.data.name`):
   synthetic    Procedural shapes (`input_pipeline.synthetic`), generated in memory in a few
                seconds from `synthetic_seed`; labels 0..K-1 are category ids 1..K.
-  coco         TFDS coco/2017 from `data_dir`. With `coco_category_ids_as_labels` (default)
-               labels are COCO category ids (K = 91, "N/A" for the 11 unused ids), like the
-               reference checkpoints; otherwise labels 0..79 in category-id order.
+  coco         TFDS coco/2017 from `data_dir` ("": TFDS's default). With
+               `coco_category_ids_as_labels` (default) labels are COCO category ids (K = 91,
+               "N/A" for the 11 unused ids), like the reference checkpoints; otherwise labels
+               0..79 in category-id order.
   voc          TFDS voc (`voc_train_splits`, read as their union; `voc_eval_split`); 20
                classes, category id = label + 1, image ids are a hash of the file name.
   coco_folder  Your own data: a COCO "instances" json (`*_annotations`) and an image
@@ -57,8 +77,8 @@ position in the run); shuffling is a per-epoch permutation (folders, synthetic: 
 `index_shuffle` permutation of the whole split, position -> image, so starting at step k
 computes it directly; TFDS: each host shuffles its `tfds.even_splits` shard with a buffer
 seeded per epoch, and starting at step k reads at most one epoch of undecoded records).
-TensorFlow is hidden from GPUs and TPUs when this package is imported, so it never takes
-accelerator memory.
+`keep_tensorflow_off_accelerators()` hides GPUs and TPUs from TensorFlow, so it never takes
+accelerator memory; programs call it at start-up (importing the package does not).
 
 Bad input (coco_folder; checked once when the source is built):
   * annotations json missing, not JSON, or without images/annotations/categories lists:
@@ -87,10 +107,23 @@ import logging
 
 import tensorflow as tf
 
+from input_pipeline.images import UnreadableImageError, load_image, preprocess_eval_image
+from input_pipeline.pipeline import (
+  DatasetInfo,
+  create_eval_iterator,
+  create_train_iterator,
+  get_dataset_info,
+)
+from input_pipeline.preparation import DatasetNotPrepared, check_prepared, ensure_prepared
+from input_pipeline.sources import LabelSpace, label_space
+
 
 def keep_tensorflow_off_accelerators():
-  """Keeps TensorFlow on the CPU so JAX has the accelerators' memory to itself (called by
-  `detr_jax.runtime.start`, before TensorFlow initializes its devices)."""
+  """Hides GPUs and TPUs from TensorFlow so JAX has the accelerators' memory to itself.
+
+  Call it before TensorFlow initializes its devices (before the first TF op); later it can
+  no longer hide them and logs a warning if TensorFlow holds any.
+  """
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
@@ -99,24 +132,25 @@ def keep_tensorflow_off_accelerators():
     except RuntimeError as e:  # TensorFlow already initialized its devices.
       if tf.config.get_visible_devices(kind):
         logging.warning(
-          "input_pipeline: TensorFlow initialized its devices before this import and may hold "
-          "%s memory; import input_pipeline first. (%s)",
+          "input_pipeline: TensorFlow initialized its devices before "
+          "keep_tensorflow_off_accelerators() and may hold %s memory; call it first. (%s)",
           kind,
           e,
         )
 
 
-from input_pipeline.pipeline import (  # noqa: E402
-  DatasetInfo,
-  create_eval_iterator,
-  create_train_iterator,
-  get_dataset_info,
-)
-
 __all__ = [
   "DatasetInfo",
+  "DatasetNotPrepared",
+  "LabelSpace",
+  "UnreadableImageError",
+  "check_prepared",
   "create_eval_iterator",
   "create_train_iterator",
+  "ensure_prepared",
   "get_dataset_info",
   "keep_tensorflow_off_accelerators",
+  "label_space",
+  "load_image",
+  "preprocess_eval_image",
 ]

@@ -5,6 +5,9 @@ directory and returns an `ExampleTable` (one row per usable image, boxes normali
 contiguous labels) plus the sanitized COCO json of what it kept, for pycocotools. What it does
 with bad input is listed in `input_pipeline`'s module docstring; every skip is counted in the
 returned counters and logged with the file name and annotation id.
+
+`gt_image`, `gt_annotation` and `gt_json` write the COCO json entries that every ground truth
+of the pipeline (folders, TFDS eval splits, the synthetic dataset) is made of.
 """
 
 import collections
@@ -80,6 +83,50 @@ def read_categories(annotations_path):
   cats = _categories(data, annotations_path)
   ids = sorted(cats)
   return ids, [cats[i] for i in ids]
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO json ("instances" format) entries, for pycocotools. Every ground truth the pipeline
+# hands out (folders, TFDS eval splits, the synthetic dataset) is built from these.
+# ---------------------------------------------------------------------------------------------
+def _plain(value):
+  """A NumPy scalar as the Python number JSON needs; anything else as it is (ids of a user's
+  json stay what they were)."""
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def gt_image(image_id, width, height, file_name=None):
+  """A COCO `images` entry (`file_name` only when there is one)."""
+  entry = dict(id=_plain(image_id), width=int(width), height=int(height))
+  if file_name is not None:
+    entry["file_name"] = str(file_name)
+  return entry
+
+
+def gt_annotation(ann_id, image_id, category_id, xyxy, *, area=None, crowd=False):
+  """A COCO `annotations` entry of a box `xyxy` = (x0, y0, x1, y1) in pixels.
+
+  `bbox` is [x, y, width, height]; `area` defaults to the box's area (COCO's own is the
+  segmentation's area, smaller than the box's).
+  """
+  x0, y0, x1, y1 = (float(v) for v in xyxy)
+  return dict(
+    id=_plain(ann_id),
+    image_id=_plain(image_id),
+    category_id=int(category_id),
+    bbox=[x0, y0, x1 - x0, y1 - y0],
+    area=float(area) if area is not None else (x1 - x0) * (y1 - y0),
+    iscrowd=int(bool(crowd)),
+  )
+
+
+def gt_json(images, annotations, categories):
+  """A COCO instances dict from entries of `gt_image`, `gt_annotation` and (id, name) pairs."""
+  return dict(
+    images=list(images),
+    annotations=list(annotations),
+    categories=[dict(id=int(c), name=str(n)) for c, n in categories],
+  )
 
 
 def _read_json(path):
@@ -162,168 +209,208 @@ def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_image
   """
   data = _read_json(annotations_path)
   known_cats = _categories(data, annotations_path)
-  label_of = {cid: i for i, cid in enumerate(category_ids)}
-  counters = collections.Counter()
-  problems = collections.defaultdict(list)
-
-  images = {}
-  for img in data["images"]:
-    iid = img.get("id")
-    if iid in images:
-      raise ValueError(f"coco_folder: {annotations_path}: image id {iid} appears twice.")
-    if "file_name" not in img:
-      raise ValueError(f"coco_folder: {annotations_path}: image id {iid} has no file_name.")
-    images[iid] = img
-
-  # Image files: existence, header (format, size), optional full decode.
-  order = list(images)
-  paths = [os.path.join(images_dir, images[i]["file_name"]) for i in order]
-
-  def inspect(path):
-    try:
-      return _inspect_image(path), None
-    except FileNotFoundError:
-      return None, "missing file"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-      return None, f"unreadable image ({e})"
-
-  with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
-    headers = list(pool.map(inspect, paths))
-
-  bad = {}
-  tf_candidates = []
-  for iid, path, (header, err) in zip(order, paths, headers):
-    if err is not None:
-      bad[iid] = err
+  findings = _Findings(split)
+  images = _index_images(data["images"], annotations_path)
+  files = _check_image_files(images, images_dir, verify_images, findings)
+  objects, gt_annotations = _read_annotations(
+    data["annotations"], annotations_path, images, files, known_cats, category_ids, findings
+  )
+  rows, gt_images = [], []
+  for iid, img in images.items():
+    if iid in files.bad:
       continue
-    fmt, _, w, h = header
-    img = images[iid]
-    jw, jh = img.get("width"), img.get("height")
-    if (jw is not None and jw != w) or (jh is not None and jh != h):
-      bad[iid] = f"size {w}x{h} differs from the json's {jw}x{jh}"
-      continue
-    if fmt in TF_IMAGE_FORMATS and verify_images:
-      tf_candidates.append((iid, path))
-  if tf_candidates:
-    ok = _tf_decodable([p for _, p in tf_candidates])
-    for k, (iid, _) in enumerate(tf_candidates):
-      if k not in ok:
-        bad[iid] = "TensorFlow cannot decode it (corrupt or truncated)"
-
-  inline = {}
-  for iid, path, (header, _) in zip(order, paths, headers):
-    if iid in bad or header[0] in TF_IMAGE_FORMATS:
-      continue
-    try:
-      inline[iid] = _to_png_bytes(path)
-      counters[f"{split}/converted_images"] += 1
-    except (OSError, SyntaxError, ValueError) as e:
-      bad[iid] = f"unreadable image ({e})"
-  for iid, why in bad.items():
-    counters[f"{split}/skipped_images"] += 1
-    problems["skipped image"].append(f"{images[iid]['file_name']}: {why}")
-  size_of = {iid: (h[2], h[3]) for iid, (h, _) in zip(order, headers) if h is not None}
-
-  # Annotations.
-  per_image = collections.defaultdict(list)
-  gt_annotations = []
-  seen_ann_ids = set()
-  for pos, ann in enumerate(data["annotations"]):
-    aid = ann.get("id", pos + 1)
-    if aid in seen_ann_ids:
-      raise ValueError(f"coco_folder: {annotations_path}: annotation id {aid} appears twice.")
-    seen_ann_ids.add(aid)
-    iid = ann.get("image_id")
-    if iid not in images:
-      raise ValueError(
-        f"coco_folder: {annotations_path}: annotation id {aid} refers to image id {iid}, "
-        "which is not in 'images'."
-      )
-    file_name = images[iid]["file_name"]
-    cid = ann.get("category_id")
-    if cid not in known_cats or cid not in label_of:
-      raise ValueError(
-        f"coco_folder: {annotations_path}: annotation id {aid} (image {file_name}) has "
-        f"category_id {cid}, which is not one of the categories {list(category_ids)}."
-      )
-    if iid in bad:
-      continue
-    w_img, h_img = size_of[iid]
-    box = _parse_bbox(ann.get("bbox"))
-    if box is None:
-      counters[f"{split}/invalid_boxes"] += 1
-      problems["invalid box (NaN, infinite, zero or negative size)"].append(
-        f"annotation {aid} ({file_name}): bbox {ann.get('bbox')!r}"
-      )
-      continue
-    x, y, bw, bh = box
-    x0, y0 = max(x, 0.0), max(y, 0.0)
-    x1, y1 = min(x + bw, float(w_img)), min(y + bh, float(h_img))
-    if x1 <= x0 or y1 <= y0:
-      counters[f"{split}/invalid_boxes"] += 1
-      problems["box outside the image"].append(
-        f"annotation {aid} ({file_name}, {w_img}x{h_img}): bbox {ann.get('bbox')!r}"
-      )
-      continue
-    if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
-      counters[f"{split}/clipped_boxes"] += 1
-    crowd = bool(ann.get("iscrowd", 0))
-    per_image[iid].append(([x0 / w_img, y0 / h_img, x1 / w_img, y1 / h_img], label_of[cid], crowd))
-    area = ann.get("area")
-    if not isinstance(area, (int, float)) or not math.isfinite(area) or area <= 0:
-      area = (x1 - x0) * (y1 - y0)
-    gt_annotations.append(
-      dict(
-        id=aid,
-        image_id=iid,
-        category_id=cid,
-        bbox=[x0, y0, x1 - x0, y1 - y0],
-        area=float(area),
-        iscrowd=int(crowd),
-      )
-    )
-
-  path_of = dict(zip(order, paths))
-  rows = []
-  gt_images = []
-  for iid in order:
-    if iid in bad:
-      continue
-    objs = per_image.get(iid, [])
+    objs = objects.get(iid, [])
     if not objs:
-      counters[f"{split}/images_without_annotations"] += 1
-    w_img, h_img = size_of[iid]
+      findings.count("images_without_annotations")
+    w, h = files.sizes[iid]
     rows.append(
       dict(
-        path="" if iid in inline else path_of[iid],
-        data=inline.get(iid, b""),
-        height=h_img,
-        width=w_img,
+        path="" if iid in files.inline else files.paths[iid],
+        data=files.inline.get(iid, b""),
+        height=h,
+        width=w,
         image_id=iid,
         boxes=[o[0] for o in objs],
         labels=[o[1] for o in objs],
         crowd=[o[2] for o in objs],
       )
     )
-    gt_images.append(dict(id=iid, file_name=images[iid]["file_name"], width=w_img, height=h_img))
+    gt_images.append(gt_image(iid, w, h, img["file_name"]))
+  findings.log(annotations_path)
+  findings.counters[f"{split}/images"] = len(rows)
+  coco_gt = gt_json(gt_images, gt_annotations, [(c, known_cats[c]) for c in sorted(known_cats)])
+  return build_table(rows), coco_gt, dict(findings.counters)
 
-  for what, items in problems.items():
-    logging.warning(
-      "coco_folder %s (%s): %d x %s, skipped: %s%s",
-      split,
-      annotations_path,
-      len(items),
-      what,
-      "; ".join(items[:_MAX_NAMED]),
-      " ..." if len(items) > _MAX_NAMED else "",
+
+@dataclasses.dataclass
+class _Findings:
+  """What loading one split skipped or changed: counters `<split>/<name>` and, per kind of
+  problem, the offending items (logged once at the end)."""
+
+  split: str
+  counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  problems: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+  def count(self, name):
+    self.counters[f"{self.split}/{name}"] += 1
+
+  def skip(self, name, problem, item):
+    """Counts a skipped image or annotation and notes `item` (a file or annotation id)."""
+    self.count(name)
+    self.problems[problem].append(item)
+
+  def log(self, annotations_path):
+    for problem, items in self.problems.items():
+      logging.warning(
+        "coco_folder %s (%s): %d x %s, skipped: %s%s",
+        self.split,
+        annotations_path,
+        len(items),
+        problem,
+        "; ".join(items[:_MAX_NAMED]),
+        " ..." if len(items) > _MAX_NAMED else "",
+      )
+
+
+def _index_images(entries, annotations_path):
+  """{image id: image entry} in file order; duplicate ids or a missing file_name are errors."""
+  images = {}
+  for img in entries:
+    iid = img.get("id")
+    if iid in images:
+      raise ValueError(f"coco_folder: {annotations_path}: image id {iid} appears twice.")
+    if "file_name" not in img:
+      raise ValueError(f"coco_folder: {annotations_path}: image id {iid} has no file_name.")
+    images[iid] = img
+  return images
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageFiles:
+  """The image files of a split, by image id."""
+
+  paths: dict  # the file of every image
+  sizes: dict  # (width, height) from the header, of the usable images
+  inline: dict  # PNG bytes of usable images in formats TensorFlow does not decode
+  bad: dict  # why an image is skipped (missing, unreadable, wrong size, corrupt)
+
+
+def _read_header(path):
+  """((format, width, height), None) from the file header, or (None, why it is unreadable)."""
+  try:
+    fmt, _, w, h = _inspect_image(path)
+    return (fmt, w, h), None
+  except FileNotFoundError:
+    return None, "missing file"
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    return None, f"unreadable image ({e})"
+
+
+def _check_image_files(images, images_dir, verify_images, findings):
+  """Existence, header (format, size against the json's) and, with `verify_images`, a full
+  decode of every image; converts formats TensorFlow does not decode to PNG in memory."""
+  paths = {iid: os.path.join(images_dir, img["file_name"]) for iid, img in images.items()}
+  with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    headers = dict(zip(paths, pool.map(_read_header, paths.values())))
+
+  bad = {}
+  for iid, (header, err) in headers.items():
+    if err is not None:
+      bad[iid] = err
+      continue
+    _, w, h = header
+    jw, jh = images[iid].get("width"), images[iid].get("height")
+    if (jw is not None and jw != w) or (jh is not None and jh != h):
+      bad[iid] = f"size {w}x{h} differs from the json's {jw}x{jh}"
+  readable = [iid for iid in paths if iid not in bad]
+  if verify_images:
+    candidates = [iid for iid in readable if headers[iid][0][0] in TF_IMAGE_FORMATS]
+    ok = _tf_decodable([paths[iid] for iid in candidates])
+    for k, iid in enumerate(candidates):
+      if k not in ok:
+        bad[iid] = "TensorFlow cannot decode it (corrupt or truncated)"
+
+  inline = {}
+  for iid in readable:
+    if iid in bad or headers[iid][0][0] in TF_IMAGE_FORMATS:
+      continue
+    try:
+      inline[iid] = _to_png_bytes(paths[iid])
+      findings.count("converted_images")
+    except (OSError, SyntaxError, ValueError) as e:
+      bad[iid] = f"unreadable image ({e})"
+  for iid, why in bad.items():
+    findings.skip("skipped_images", "skipped image", f"{images[iid]['file_name']}: {why}")
+  sizes = {iid: headers[iid][0][1:] for iid in paths if iid not in bad}
+  return _ImageFiles(paths=paths, sizes=sizes, inline=inline, bad=bad)
+
+
+def _read_annotations(annotations, path, images, files, known_cats, category_ids, findings):
+  """Validated, clipped objects of the usable images.
+
+  Returns:
+    ({image id: [(xyxy normalized, label, crowd), ...]}, the kept COCO annotation entries).
+
+  Raises:
+    ValueError: duplicate annotation ids, an unknown image id or category id.
+  """
+  label_of = {cid: i for i, cid in enumerate(category_ids)}
+  objects = collections.defaultdict(list)
+  gt_annotations = []
+  seen_ids = set()
+  for pos, ann in enumerate(annotations):
+    aid = ann.get("id", pos + 1)
+    if aid in seen_ids:
+      raise ValueError(f"coco_folder: {path}: annotation id {aid} appears twice.")
+    seen_ids.add(aid)
+    iid = ann.get("image_id")
+    if iid not in images:
+      raise ValueError(
+        f"coco_folder: {path}: annotation id {aid} refers to image id {iid}, "
+        "which is not in 'images'."
+      )
+    file_name = images[iid]["file_name"]
+    cid = ann.get("category_id")
+    if cid not in known_cats or cid not in label_of:
+      raise ValueError(
+        f"coco_folder: {path}: annotation id {aid} (image {file_name}) has "
+        f"category_id {cid}, which is not one of the categories {list(category_ids)}."
+      )
+    if iid in files.bad:
+      continue
+    w, h = files.sizes[iid]
+    xyxy = _box_in_image(ann.get("bbox"), w, h, f"annotation {aid} ({file_name})", findings)
+    if xyxy is None:
+      continue
+    x0, y0, x1, y1 = xyxy
+    crowd = bool(ann.get("iscrowd", 0))
+    objects[iid].append(([x0 / w, y0 / h, x1 / w, y1 / h], label_of[cid], crowd))
+    area = ann.get("area")
+    if not isinstance(area, (int, float)) or not math.isfinite(area) or area <= 0:
+      area = None  # the clipped box's area
+    gt_annotations.append(gt_annotation(aid, iid, cid, (x0, y0, x1, y1), area=area, crowd=crowd))
+  return objects, gt_annotations
+
+
+def _box_in_image(bbox, w, h, what, findings):
+  """A COCO bbox clipped to a w x h image as pixel (x0, y0, x1, y1), or None when it is not a
+  valid box or lies outside the image (counted in `findings` with `what` it belongs to)."""
+  box = _parse_bbox(bbox)
+  if box is None:
+    findings.skip(
+      "invalid_boxes",
+      "invalid box (NaN, infinite, zero or negative size)",
+      f"{what}: bbox {bbox!r}",
     )
-  counters[f"{split}/images"] = len(rows)
-  coco_gt = dict(
-    images=gt_images,
-    annotations=gt_annotations,
-    categories=[dict(id=c, name=known_cats[c]) for c in sorted(known_cats)],
-  )
-  return build_table(rows), coco_gt, dict(counters)
+    return None
+  x, y, bw, bh = box
+  x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))
+  if x1 <= x0 or y1 <= y0:
+    findings.skip("invalid_boxes", "box outside the image", f"{what}, {w}x{h}: bbox {bbox!r}")
+    return None
+  if (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
+    findings.count("clipped_boxes")
+  return x0, y0, x1, y1
 
 
 def _parse_bbox(bbox):

@@ -34,7 +34,8 @@ class DatasetInfo:
     num_classes: K, the model's number of classes (labels are 0..K-1).
     label_to_category_id: int64 `[K]`, the COCO category id of each label (for results).
     class_names: K names (COCO with category ids as labels: "N/A" for unused ids).
-    num_train_examples: usable training images (all hosts together).
+    num_train_examples: usable training images (all hosts together); TFDS sources count
+      them on first access (evaluation alone never reads the training splits).
     num_eval_examples: usable eval images (all hosts together).
     counters: what loading skipped or changed, e.g. {'train/skipped_images': 2,
       'train/invalid_boxes': 1, 'train/clipped_boxes': 3, 'eval/images_without_annotations':
@@ -47,10 +48,16 @@ class DatasetInfo:
   num_classes: int
   label_to_category_id: np.ndarray
   class_names: list
-  num_train_examples: int
-  num_eval_examples: int
   counters: dict
   _source: Any = dataclasses.field(repr=False, compare=False)
+
+  @property
+  def num_train_examples(self):
+    return self._source.num_train_examples
+
+  @property
+  def num_eval_examples(self):
+    return self._source.num_eval_examples
 
   @property
   def coco_gt(self):
@@ -73,8 +80,6 @@ def get_dataset_info(data_config):
     num_classes=source.labels.num_classes,
     label_to_category_id=source.labels.label_to_category_id,
     class_names=list(source.labels.class_names),
-    num_train_examples=source.num_train_examples,
-    num_eval_examples=source.num_eval_examples,
     counters=source.counters,
     _source=source,
   )
@@ -267,7 +272,7 @@ def make_eval_example_fn(load, out_size, max_boxes):
     record = load(record)
     size = T.image_size(record["image"], record["size"])
     boxes, labels, invalid = _objects(record, size)
-    image = T.resize_and_normalize(T.decode_window(record["image"], T.full_window(size)), out_size)
+    image = T.eval_image(T.decode_window(record["image"], T.full_window(size)), out_size)
     scale = tf.cast(out_size, tf.float32) / tf.cast(size, tf.float32)
     boxes = boxes * tf.stack([scale[1], scale[0], scale[1], scale[0]])
     out = _finish(image, boxes, labels, out_size, max_boxes)

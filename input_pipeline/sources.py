@@ -53,6 +53,7 @@ VOC_NAMES = (
     "train", "tvmonitor",
 )  # fmt: skip
 
+_UNUSED = "N/A"  # the class name of a COCO category id that COCO 2017 does not use
 _NO_SIZE = (-1, -1)
 _FOREVER = 2**62
 
@@ -64,6 +65,121 @@ class LabelSpace:
   num_classes: int
   label_to_category_id: np.ndarray  # int64 [num_classes]
   class_names: list
+
+  def coco_categories(self):
+    """(category id, name) of the classes that exist ("N/A" placeholders are left out)."""
+    return [
+      (int(c), n) for c, n in zip(self.label_to_category_id, self.class_names) if n != _UNUSED
+    ]
+
+
+def label_space(cfg):
+  """The `LabelSpace` of `config.data` without reading images or TFDS data.
+
+  synthetic: labels 0..K-1 are the first K shapes, category ids 1..K. coco_folder: the
+  categories of the train json (else the eval json), in sorted id order. coco, voc: fixed by
+  the dataset (`tfds_format`), so predicting with imported COCO weights needs no COCO download.
+  """
+  if cfg.name == "synthetic":
+    k = cfg.synthetic_num_classes
+    if not 1 <= k <= len(synthetic.SHAPES):
+      raise ValueError(
+        f"data.synthetic_num_classes must be in 1..{len(synthetic.SHAPES)}, got {k}."
+      )
+    return LabelSpace(k, np.arange(1, k + 1, dtype=np.int64), list(synthetic.SHAPES[:k]))
+  if cfg.name == "coco_folder":
+    if not cfg.train_annotations and not cfg.eval_annotations:
+      raise ValueError("coco_folder needs data.train_annotations and/or data.eval_annotations.")
+    ids, names = coco_format.read_categories(cfg.train_annotations or cfg.eval_annotations)
+    return LabelSpace(len(ids), np.asarray(ids, np.int64), names)
+  if cfg.name in TFDS_SOURCES:
+    return tfds_format(cfg).labels
+  raise ValueError(f"Unknown data.name {cfg.name!r}: synthetic | coco | voc | coco_folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the TFDS sources read.
+# ---------------------------------------------------------------------------------------------
+TFDS_SOURCES = ("coco", "voc")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSplit:
+  """A TFDS split a config reads, and the config field it comes from (for messages)."""
+
+  name: str  # TFDS name with config, e.g. 'coco/2017'
+  split: str  # TFDS split expression, e.g. 'train+validation'
+  field: str  # e.g. 'data.voc_train_splits'
+
+
+def tfds_splits(cfg):
+  """(train `TfdsSplit`s, the eval `TfdsSplit`) of a coco or voc config."""
+  if cfg.name == "coco":
+    train = [TfdsSplit("coco/2017", cfg.coco_train_split, "data.coco_train_split")]
+    return train, TfdsSplit("coco/2017", cfg.coco_eval_split, "data.coco_eval_split")
+  train = [_parse_tfds_split(s, "data.voc_train_splits") for s in cfg.voc_train_splits]
+  return train, _parse_tfds_split(cfg.voc_eval_split, "data.voc_eval_split")
+
+
+def _parse_tfds_split(spec, field):
+  name, sep, split = spec.partition(":")
+  if not sep or not name or not split:
+    raise ValueError(f"{field}: expected a TFDS 'name:split' string, got {spec!r}.")
+  return TfdsSplit(name, split, field)
+
+
+def tfds_data_dir(cfg):
+  """The TFDS data_dir of `config.data` (None: TFDS's default, $TFDS_DATA_DIR or
+  ~/tensorflow_datasets)."""
+  return cfg.data_dir or None  # "" in configs; None in configs saved by older versions
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsFormat:
+  """How the features of one TFDS detection dataset become records; chosen once per source.
+
+  Attributes:
+    labels: the model's `LabelSpace`.
+    label_map: int32 `[num TFDS labels]`, the model label of each TFDS label; None: the same.
+    crowd_feature: per-object bool feature (under 'objects') of objects that are never
+      training targets and stay in the ground truth as `iscrowd` regions.
+    image_id: fn(example) -> int64 scalar tensor, the image's id in `coco_gt`.
+    has_ids_and_areas: whether objects carry COCO's annotation 'id' and 'area'.
+  """
+
+  labels: LabelSpace
+  label_map: object
+  crowd_feature: str
+  image_id: object
+  has_ids_and_areas: bool
+
+
+def _coco_image_id(example):
+  return example["image/id"]
+
+
+def _file_name_image_id(example):
+  """VOC has file names only; a 53-bit hash keeps ids exact in JSON."""
+  return tf.strings.to_hash_bucket_fast(example["image/filename"], 2**53)
+
+
+def tfds_format(cfg):
+  """The `TfdsFormat` of a coco or voc config."""
+  if cfg.name == "coco":
+    if cfg.coco_category_ids_as_labels:
+      names = [_UNUSED] * 91
+      for cid, name in zip(COCO_CATEGORY_IDS, COCO_NAMES):
+        names[cid] = name
+      labels = LabelSpace(91, np.arange(91, dtype=np.int64), names)
+      label_map = COCO_CATEGORY_IDS
+    else:
+      labels = LabelSpace(80, np.asarray(COCO_CATEGORY_IDS, np.int64), list(COCO_NAMES))
+      label_map = None
+    return TfdsFormat(labels, label_map, "is_crowd", _coco_image_id, has_ids_and_areas=True)
+  if cfg.name == "voc":
+    labels = LabelSpace(20, np.arange(1, 21, dtype=np.int64), list(VOC_NAMES))
+    return TfdsFormat(labels, None, "is_difficult", _file_name_image_id, has_ids_and_areas=False)
+  raise ValueError(f"data.name {cfg.name!r} is not a TFDS source ({' | '.join(TFDS_SOURCES)}).")
 
 
 def _empty_record():
@@ -179,10 +295,8 @@ class TableSource:
 
 def folder_source(cfg):
   """A `TableSource` for `cfg.name == 'coco_folder'`."""
-  if not cfg.train_annotations and not cfg.eval_annotations:
-    raise ValueError("coco_folder needs data.train_annotations and/or data.eval_annotations.")
-  label_file = cfg.train_annotations or cfg.eval_annotations
-  category_ids, names = coco_format.read_categories(label_file)
+  labels = label_space(cfg)
+  category_ids = [int(c) for c in labels.label_to_category_id]
   counters = {}
   tables, gts = {}, {}
   for split, ann, images in (
@@ -197,53 +311,43 @@ def folder_source(cfg):
     )
     tables[split], gts[split] = table, gt
     counters.update(c)
-  labels = LabelSpace(len(category_ids), np.asarray(category_ids, np.int64), names)
-  gt = gts["eval"] or _empty_gt(labels)
+  gt = gts["eval"] or coco_format.gt_json([], [], labels.coco_categories())
   return TableSource(tables["train"], tables["eval"], labels, gt, counters)
-
-
-def _empty_gt(labels):
-  cats = [dict(id=int(c), name=n) for c, n in zip(labels.label_to_category_id, labels.class_names)]
-  return dict(images=[], annotations=[], categories=cats)
 
 
 def synthetic_source(cfg):
   """A `TableSource` of the procedural dataset (`input_pipeline.synthetic`)."""
-  k = cfg.synthetic_num_classes
-  labels = LabelSpace(k, np.arange(1, k + 1, dtype=np.int64), list(synthetic.SHAPES[:k]))
+  labels = label_space(cfg)
   h, w = cfg.synthetic_image_size
   tables = {}
-  gt = _empty_gt(labels)
+  gt_images, gt_annotations = [], []
   for split in ("train", "eval"):
     examples = synthetic.generate_split(cfg, split)
     rows = []
     for i, ex in enumerate(examples):
+      image_id = i + 1
       rows.append(
         dict(
           path="",
           data=ex["jpeg"],
           height=h,
           width=w,
-          image_id=i + 1,
+          image_id=image_id,
           boxes=ex["boxes"] / np.asarray([w, h, w, h], np.float32),
           labels=ex["labels"],
           crowd=np.zeros(len(ex["labels"]), bool),
         )
       )
       if split == "eval":
-        gt["images"].append(dict(id=i + 1, file_name=f"{i + 1}.jpg", width=w, height=h))
-        for (x0, y0, x1, y1), label, area in zip(ex["boxes"], ex["labels"], ex["areas"]):
-          gt["annotations"].append(
-            dict(
-              id=len(gt["annotations"]) + 1,
-              image_id=i + 1,
-              category_id=int(label) + 1,
-              bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-              area=float(area),
-              iscrowd=0,
-            )
+        gt_images.append(coco_format.gt_image(image_id, w, h, f"{image_id}.jpg"))
+        for box, label, area in zip(ex["boxes"], ex["labels"], ex["areas"]):
+          category_id = labels.label_to_category_id[label]
+          ann_id = len(gt_annotations) + 1
+          gt_annotations.append(
+            coco_format.gt_annotation(ann_id, image_id, category_id, box, area=area)
           )
     tables[split] = coco_format.build_table(rows)
+  gt = coco_format.gt_json(gt_images, gt_annotations, labels.coco_categories())
   return TableSource(tables["train"], tables["eval"], labels, gt, counters={})
 
 
@@ -253,17 +357,18 @@ def synthetic_source(cfg):
 class TfdsSource:
   """Sequential source over TFDS splits (images read undecoded, decoded by the pipeline)."""
 
-  def __init__(self, kind, train_splits, eval_split, *, data_dir, ids_as_labels, shuffle_buffer):
+  def __init__(self, fmt, train_splits, eval_split, *, data_dir, shuffle_buffer):
     """
     Args:
-      kind: 'coco' or 'voc' (how features map to records).
-      train_splits: list of (tfds name, split); several are read as their union.
-      eval_split: (tfds name, split).
-      data_dir: TFDS data_dir or None.
-      ids_as_labels: coco only: labels are COCO category ids (91 classes) instead of 0..79.
+      fmt: `TfdsFormat`, how the dataset's features map to records.
+      train_splits: list of `TfdsSplit`; several are read as their union.
+      eval_split: `TfdsSplit`.
+      data_dir: TFDS data_dir or None (TFDS's default).
       shuffle_buffer: per-epoch shuffle buffer of the training stream.
     """
-    self._kind = kind
+    self._fmt = fmt
+    self.labels = fmt.labels
+    self._label_map = None if fmt.label_map is None else tf.constant(fmt.label_map, tf.int32)
     self._data_dir = data_dir
     self._train = list(train_splits)
     self._eval = eval_split
@@ -271,21 +376,6 @@ class TfdsSource:
     self.counters = {}
     self._gt = None
     self._num = {}
-    if kind == "coco":
-      if ids_as_labels:
-        names = ["N/A"] * 91
-        for cid, name in zip(COCO_CATEGORY_IDS, COCO_NAMES):
-          names[cid] = name
-        self.labels = LabelSpace(91, np.arange(91, dtype=np.int64), names)
-        self._label_map = tf.constant(COCO_CATEGORY_IDS, tf.int32)
-      else:
-        self.labels = LabelSpace(80, np.asarray(COCO_CATEGORY_IDS, np.int64), list(COCO_NAMES))
-        self._label_map = None
-    elif kind == "voc":
-      self.labels = LabelSpace(20, np.arange(1, 21, dtype=np.int64), list(VOC_NAMES))
-      self._label_map = None
-    else:
-      raise ValueError(f"Unknown TFDS source kind {kind!r}.")
 
   def _read(self, name, split):
     builder = tfds.builder(name, data_dir=self._data_dir)
@@ -296,27 +386,23 @@ class TfdsSource:
 
   def _to_record(self, ex):
     objects = ex["objects"]
+    crowd = self._fmt.crowd_feature
     # Real TFDS data has per-object features of equal length; TFDS's random mock data does
     # not, so they are cut to the shortest.
-    extra = "is_crowd" if self._kind == "coco" else "is_difficult"
     n = tf.reduce_min(
-      [tf.shape(objects["bbox"])[0], tf.shape(objects["label"])[0], tf.shape(objects[extra])[0]]
+      [tf.shape(objects["bbox"])[0], tf.shape(objects["label"])[0], tf.shape(objects[crowd])[0]]
     )
     bbox = objects["bbox"][:n]  # ymin, xmin, ymax, xmax
     labels = tf.cast(objects["label"][:n], tf.int32)
     if self._label_map is not None:
       labels = tf.gather(self._label_map, labels)
-    if self._kind == "coco":
-      image_id = ex["image/id"]
-    else:  # VOC has file names only; a 53-bit hash keeps ids exact in JSON.
-      image_id = tf.strings.to_hash_bucket_fast(ex["image/filename"], 2**53)
     return dict(
       image=ex["image"],
       size=tf.constant(_NO_SIZE, tf.int32),
       boxes=tf.stack([bbox[:, 1], bbox[:, 0], bbox[:, 3], bbox[:, 2]], axis=1),
       labels=labels,
-      crowd=tf.cast(objects[extra][:n], tf.bool),
-      image_id=image_id,
+      crowd=tf.cast(objects[crowd][:n], tf.bool),
+      image_id=self._fmt.image_id(ex),
     )
 
   def _cardinality(self, ds, what):
@@ -325,18 +411,19 @@ class TfdsSource:
       raise ValueError(f"TFDS {what}: unknown number of examples.")
     return n
 
-  def _count(self, name, split):
-    if (name, split) not in self._num:
-      self._num[name, split] = self._cardinality(self._read(name, split), f"{name}:{split}")
-    return self._num[name, split]
+  def _count(self, s):
+    if (s.name, s.split) not in self._num:
+      ds = self._read(s.name, s.split)
+      self._num[s.name, s.split] = self._cardinality(ds, f"{s.name}:{s.split}")
+    return self._num[s.name, s.split]
 
   @property
   def num_train_examples(self):
-    return sum(self._count(*s) for s in self._train)
+    return sum(self._count(s) for s in self._train)
 
   @property
   def num_eval_examples(self):
-    return self._count(*self._eval)
+    return self._count(self._eval)
 
   def loader(self, split):
     """Records are complete already: the identity."""
@@ -354,8 +441,8 @@ class TfdsSource:
     Key positions are `local position * process_count + process_index` (unique over hosts).
     """
     base = None
-    for name, split in self._train:
-      ds = self._read(name, self._host_split(split, process_index, process_count))
+    for s in self._train:
+      ds = self._read(s.name, self._host_split(s.split, process_index, process_count))
       base = ds if base is None else base.concatenate(ds)
     n = self._cardinality(base, f"train shard {process_index}")
     if n == 0:
@@ -378,8 +465,8 @@ class TfdsSource:
     """(record, mask) of this host's contiguous part of the eval split, then padding."""
     total = self.num_eval_examples
     slots = eval_slots(total, process_count, local_batch)
-    name, split = self._eval
-    ds = self._read(name, self._host_split(split, process_index, process_count))
+    split = self._host_split(self._eval.split, process_index, process_count)
+    ds = self._read(self._eval.name, split)
     n = self._cardinality(ds, f"eval shard {process_index}")
     if n > slots:
       raise ValueError(f"TFDS eval shard {process_index} has {n} > {slots} examples.")
@@ -393,41 +480,42 @@ class TfdsSource:
       self._gt = self._build_gt()
     return self._gt
 
+  def _gt_fields(self, ex):
+    """An eval example's record (without the image) plus its size, annotation ids and areas
+    (-1 where the dataset has none)."""
+    rec = self._to_record(ex)
+    n = tf.shape(rec["labels"])[0]
+    if self._fmt.has_ids_and_areas:
+      ann_ids = ex["objects"]["id"][:n]
+      areas = tf.cast(ex["objects"]["area"][:n], tf.float32)
+    else:
+      ann_ids = tf.fill([n], tf.constant(-1, tf.int64))
+      areas = tf.fill([n], -1.0)
+    size = transforms.image_size(rec.pop("image"), rec["size"])
+    return dict(rec, size=size, ann_ids=ann_ids, areas=areas)
+
   def _build_gt(self):
-    name, split = self._eval
-    builder = tfds.builder(name, data_dir=self._data_dir)
+    builder = tfds.builder(self._eval.name, data_dir=self._data_dir)
     raw = builder.as_dataset(
-      split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+      split=self._eval.split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
     )
-
-    def fields(ex):
-      rec = self._to_record(ex)
-      n = tf.shape(rec["labels"])[0]
-      objects = ex["objects"]
-      if self._kind == "coco":
-        ann_ids = objects["id"][:n]
-        areas = tf.cast(objects["area"][:n], tf.float32)
-      else:
-        ann_ids = tf.fill([n], tf.constant(-1, tf.int64))
-        areas = tf.fill([n], -1.0)
-      size = transforms.image_size(rec["image"], rec["size"])
-      rec.pop("image")
-      return dict(rec, size=size, ann_ids=ann_ids, areas=areas)
-
+    fields = raw.map(transforms.no_autograph(self._gt_fields), num_parallel_calls=tf.data.AUTOTUNE)
     images, annotations = [], []
     seen = set()
     to_cat = self.labels.label_to_category_id
-    fields = transforms.no_autograph(fields)
-    for r in raw.map(fields, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+    for r in fields.as_numpy_iterator():
       iid = int(r["image_id"])
       if iid in seen:
         logging.warning(
-          "TFDS %s:%s: image id %d appears twice; keeping the first.", *self._eval, iid
+          "TFDS %s:%s: image id %d appears twice; keeping the first.",
+          self._eval.name,
+          self._eval.split,
+          iid,
         )
         continue
       seen.add(iid)
       h, w = (int(v) for v in r["size"])
-      images.append(dict(id=iid, width=w, height=h))
+      images.append(coco_format.gt_image(iid, w, h))
       for box, label, crowd, aid, area in zip(
         r["boxes"], r["labels"], r["crowd"], r["ann_ids"], r["areas"]
       ):
@@ -436,46 +524,28 @@ class TfdsSource:
           self.counters["eval/invalid_boxes"] = self.counters.get("eval/invalid_boxes", 0) + 1
           continue
         annotations.append(
-          dict(
-            id=int(aid) if aid >= 0 else len(annotations) + 1,
-            image_id=iid,
-            category_id=int(to_cat[label]),
-            bbox=[x0, y0, x1 - x0, y1 - y0],
-            area=float(area) if area > 0 else (x1 - x0) * (y1 - y0),
-            iscrowd=int(crowd),
+          coco_format.gt_annotation(
+            int(aid) if aid >= 0 else len(annotations) + 1,
+            iid,
+            to_cat[label],
+            (x0, y0, x1, y1),
+            area=area if area > 0 else None,
+            crowd=crowd,
           )
         )
-    categories = [
-      dict(id=int(c), name=n)
-      for c, n in zip(self.labels.label_to_category_id, self.labels.class_names)
-      if n != "N/A"
-    ]
-    return dict(images=images, annotations=annotations, categories=categories)
+    return coco_format.gt_json(images, annotations, self.labels.coco_categories())
 
 
 def tfds_source(cfg):
-  """A `TfdsSource` for `cfg.name` in ('coco', 'voc')."""
-  if cfg.name == "coco":
-    train = [("coco/2017", cfg.coco_train_split)]
-    eval_ = ("coco/2017", cfg.coco_eval_split)
-  else:
-    train = [_parse_tfds_split(s) for s in cfg.voc_train_splits]
-    eval_ = _parse_tfds_split(cfg.voc_eval_split)
+  """A `TfdsSource` for `cfg.name` in `TFDS_SOURCES`."""
+  train, eval_ = tfds_splits(cfg)
   return TfdsSource(
-    cfg.name,
+    tfds_format(cfg),
     train,
     eval_,
-    data_dir=cfg.data_dir,
-    ids_as_labels=cfg.coco_category_ids_as_labels,
+    data_dir=tfds_data_dir(cfg),
     shuffle_buffer=cfg.shuffle_buffer,
   )
-
-
-def _parse_tfds_split(spec):
-  name, sep, split = spec.partition(":")
-  if not sep or not name or not split:
-    raise ValueError(f"Expected a TFDS 'name:split' string, got {spec!r}.")
-  return name, split
 
 
 def build_source(cfg):
@@ -484,6 +554,6 @@ def build_source(cfg):
     return synthetic_source(cfg)
   if cfg.name == "coco_folder":
     return folder_source(cfg)
-  if cfg.name in ("coco", "voc"):
+  if cfg.name in TFDS_SOURCES:
     return tfds_source(cfg)
   raise ValueError(f"Unknown data.name {cfg.name!r}: synthetic | coco | voc | coco_folder.")

@@ -12,10 +12,13 @@ Conventions:
     in the output.
 """
 
+import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet RGB mean and std of images in [0, 1]: float32 `[3]` (the one copy; the drawing code
+# imports them to undo the normalization).
+IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32)
 
 # For functions given to tf.data: they have no Python control flow on tensors, and skipping
 # AutoGraph's source transformation makes building a pipeline several times faster.
@@ -133,6 +136,20 @@ def resize_and_normalize(image, size, distort=None):
   if distort is not None:
     x = distort(x / 255.0) * 255.0
   return resize(normalize(x), size)
+
+
+def eval_image(image, size):
+  """The eval preprocessing of one decoded image (the eval split and `predict.py` share it).
+
+  Args:
+    image: uint8 `[h, w, 3]`, the whole image.
+    size: (H, W) of the model input.
+
+  Returns:
+    float32 `[H, W, 3]`: the image resized to (H, W) without keeping the aspect ratio
+    (bilinear), ImageNet-normalized.
+  """
+  return resize_and_normalize(image, size)
 
 
 # ---------------------------------------------------------------------------------------------

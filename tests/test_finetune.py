@@ -130,7 +130,7 @@ def test_finetune_from_pretrained_workdir_on_coco_folder(tmp_path):
 
   # Everything but the class head is the pretrained model; the head has 3 + 1 outputs.
   ft_config = checkpoint.load_config(ft_dir)
-  _, _, finetuned, step = checkpoint.restore_model(ft_dir)
+  _, finetuned, step = checkpoint.restore_model(ft_dir, ft_config)
   assert step == 2 and ft_config.model.num_classes == 3
   pre, ft = _flat(pretrained), _flat(finetuned)
   assert set(pre) == set(ft)

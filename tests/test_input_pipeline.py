@@ -1,6 +1,7 @@
 """Tests of `input_pipeline`: geometry against drawn rectangles, determinism and resumption,
 multi-host sharding, the synthetic dataset and the static-shape batch contract."""
 
+import importlib
 import io
 
 import numpy as np
@@ -398,5 +399,19 @@ def test_objects_beyond_max_boxes_are_dropped_and_counted():
   assert it.counters["truncated_boxes"] > 0 and it.counters["examples"] == 8
 
 
-def test_tensorflow_sees_no_accelerators():
-  assert tf.config.get_visible_devices("GPU") == []
+def test_tensorflow_is_kept_off_accelerators_on_request_only(monkeypatch, caplog):
+  calls = []
+  monkeypatch.setattr(tf.config, "set_visible_devices", lambda d, kind: calls.append((d, kind)))
+  importlib.reload(input_pipeline)  # importing the package hides nothing
+  assert calls == []
+  input_pipeline.keep_tensorflow_off_accelerators()
+  assert calls == [([], "GPU"), ([], "TPU")]
+
+  def too_late(devices, kind):
+    raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+  monkeypatch.setattr(tf.config, "set_visible_devices", too_late)
+  monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind: ["x"] if kind == "GPU" else [])
+  input_pipeline.keep_tensorflow_off_accelerators()
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert "before keep_tensorflow_off_accelerators() and may hold GPU memory" in warning

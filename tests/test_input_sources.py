@@ -1,5 +1,6 @@
 """Tests of the input pipeline's sources: TFDS coco/2017 and voc under `tfds.testing.mock_data`,
-and COCO-format folders with every image mode and the documented handling of bad input."""
+COCO-format folders with every image mode and the documented handling of bad input, and the
+label space and one-image functions that `predict.py` shares with the eval split."""
 
 import io
 import json
@@ -59,6 +60,13 @@ def batches_of(cfg, **kw):
   return list(input_pipeline.create_eval_iterator(cfg, process_index=0, process_count=1, **kw))
 
 
+def assert_same_labels(labels, info):
+  """`input_pipeline.label_space` agrees with the source that read the data."""
+  assert labels.num_classes == info.num_classes
+  assert list(labels.class_names) == list(info.class_names)
+  np.testing.assert_array_equal(labels.label_to_category_id, info.label_to_category_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # TFDS coco/2017.
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +120,7 @@ def test_tfds_coco_labels_are_category_ids_and_gt_is_coco_format():
   cfg = data_config(name="coco", coco_category_ids_as_labels=True)
   with tfds.testing.mock_data(as_dataset_fn=mock_coco):
     info = input_pipeline.get_dataset_info(cfg)
+    assert_same_labels(input_pipeline.label_space(cfg), info)
     assert info.num_classes == 91 and len(info.class_names) == 91
     np.testing.assert_array_equal(info.label_to_category_id, np.arange(91))
     assert info.class_names[1] == "person" and info.class_names[12] == "N/A"
@@ -153,6 +162,7 @@ def test_tfds_coco_contiguous_labels():
   cfg = data_config(name="coco", coco_category_ids_as_labels=False)
   with tfds.testing.mock_data(as_dataset_fn=mock_coco):
     info = input_pipeline.get_dataset_info(cfg)
+    assert_same_labels(input_pipeline.label_space(cfg), info)
     assert info.num_classes == 80 and info.class_names[79] == "toothbrush"
     np.testing.assert_array_equal(info.label_to_category_id, sources.COCO_CATEGORY_IDS)
     assert info.label_to_category_id[11] == 13
@@ -226,6 +236,7 @@ def test_tfds_voc_union_and_difficult_objects():
   cfg = data_config(name="voc")
   with tfds.testing.mock_data(as_dataset_fn=mock_voc):
     info = input_pipeline.get_dataset_info(cfg)
+    assert_same_labels(input_pipeline.label_space(cfg), info)
     assert info.num_classes == 20 and info.class_names[14] == "person"
     assert (info.num_train_examples, info.num_eval_examples) == (5, 3)
     np.testing.assert_array_equal(info.label_to_category_id, np.arange(1, 21))
@@ -341,6 +352,7 @@ def folder_config(annotations, images, **overrides):
 def test_folder_bad_input_is_skipped_and_counted(messy_folder):
   cfg = folder_config(*messy_folder)
   info = input_pipeline.get_dataset_info(cfg)
+  assert_same_labels(input_pipeline.label_space(cfg), info)
   assert info.num_classes == 3 and info.class_names == ["red", "green", "unused"]
   np.testing.assert_array_equal(info.label_to_category_id, [3, 7, 9])
   c = info.counters
@@ -433,3 +445,58 @@ def test_folder_missing_annotations_file_is_an_error(tmp_path):
   cfg = folder_config(str(tmp_path / "nope.json"), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="nope.json"):
     input_pipeline.get_dataset_info(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# What predict.py uses: the label space without data, one image as the eval split reads it.
+# ---------------------------------------------------------------------------------------------
+def test_label_space_reads_no_tfds_data_and_no_images(tmp_path, no_network):
+  empty = str(tmp_path / "tfds")  # no TFDS data at all
+  coco = input_pipeline.label_space(data_config(name="coco", data_dir=empty))
+  assert coco.num_classes == len(coco.class_names) == 91
+  assert (coco.class_names[1], coco.class_names[90], coco.class_names[12]) == (
+    "person",
+    "toothbrush",
+    "N/A",
+  )
+  np.testing.assert_array_equal(coco.label_to_category_id, np.arange(91))
+  contiguous = data_config(name="coco", data_dir=empty, coco_category_ids_as_labels=False)
+  np.testing.assert_array_equal(
+    input_pipeline.label_space(contiguous).label_to_category_id, sources.COCO_CATEGORY_IDS
+  )
+  voc = input_pipeline.label_space(data_config(name="voc", data_dir=empty))
+  assert voc.class_names[14] == "person"
+  np.testing.assert_array_equal(voc.label_to_category_id, np.arange(1, 21))
+
+  # A folder: only the train json is read; its image files need not exist.
+  folder = write_folder(tmp_path / "folder", [], {"rgb.jpg": None})
+  labels = input_pipeline.label_space(folder_config(*folder))
+  assert labels.class_names == ["red", "green", "unused"]
+  np.testing.assert_array_equal(labels.label_to_category_id, [3, 7, 9])
+
+  cfg = data_config(name="synthetic", synthetic_num_train=4, synthetic_num_eval=2)
+  assert_same_labels(input_pipeline.label_space(cfg), input_pipeline.get_dataset_info(cfg))
+  with pytest.raises(ValueError, match="synthetic_num_classes"):
+    input_pipeline.label_space(data_config(synthetic_num_classes=9))
+
+
+def test_one_image_functions_are_the_eval_splits(messy_folder):
+  cfg = folder_config(*messy_folder)
+  gt = input_pipeline.get_dataset_info(cfg).coco_gt
+  files = {im["id"]: im["file_name"] for im in gt["images"]}
+  size = (40, 56)  # not the images' size: the resize is part of what is compared
+  for b in batches_of(cfg, image_size=size, global_batch_size=4):
+    for i in np.flatnonzero(b["mask"]):
+      path = messy_folder[1] + "/" + files[int(b["image_id"][i])]
+      image = input_pipeline.load_image(path)
+      with Image.open(path) as im:
+        want = np.asarray(im.convert("RGB"), np.float64)
+      assert image.dtype == np.uint8 and image.shape == want.shape
+      tol = 4.0 if path.endswith(".jpg") else 0.01  # JPEG decoders may round differently
+      assert np.abs(image - want).mean() < tol, path
+      x = input_pipeline.preprocess_eval_image(image, size)
+      assert x.shape == (*size, 3) and x.dtype == np.float32
+      np.testing.assert_allclose(x, b["image"][i], atol=1e-5, err_msg=path)
+  for bad in ("corrupt.jpg", "truncated.jpg", "missing.jpg", "not_an_image.png"):
+    with pytest.raises(input_pipeline.UnreadableImageError):
+      input_pipeline.load_image(messy_folder[1] + "/" + bad)

@@ -261,13 +261,3 @@ def test_list_images_and_ids(tmp_path):
   assert prediction.image_ids(["a.jpg", "7.png"]) == [1, 2]
   with pytest.raises(FileNotFoundError, match="nothing"):
     prediction.list_images([str(tmp_path / "nothing*.jpg")])
-
-
-def test_class_space_of_tfds_coco_needs_no_data(tmp_path):
-  config = tiny.get_config()
-  config.data.name = "coco"
-  config.data.data_dir = str(tmp_path)  # empty: no TFDS data
-  names, cat_ids = prediction.class_space(config.data)
-  assert len(names) == len(cat_ids) == 91
-  assert (names[1], names[90], names[12]) == ("person", "toothbrush", "N/A")
-  np.testing.assert_array_equal(cat_ids, np.arange(91))
