@@ -2,7 +2,8 @@
 
 `build_hf_detr` builds DETR-R50 with the transformers-native ResNet backbone; `reference_state_dict`
 exports its weights under the reference DETR key names (q/k/v packed into `in_proj_*`), the
-layout `detr_jax.convert.torch_to_flax` imports.
+layout `detr_jax.convert.torch_to_flax` imports. `torchvision_resnet18` gives a random
+ResNet-18 in torchvision's layout with its forward pass.
 """
 
 import re
@@ -136,6 +137,59 @@ def small_model_config(num_labels):
   c.num_encoder_layers, c.num_decoder_layers = SMALL["encoder_layers"], SMALL["decoder_layers"]
   c.num_queries = SMALL["num_queries"]
   return c
+
+
+def _randomize_batch_norms(model, seed):
+  """Random but tame BatchNorm statistics and affine parameters (they start as identity)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        n = module.num_features
+        module.running_var.copy_(0.5 + torch.rand(n, generator=g))
+        module.running_mean.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+        module.weight.copy_(0.2 + 0.6 * torch.rand(n, generator=g))
+        module.bias.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+
+
+def torchvision_resnet18(seed=0):
+  """A random ResNet-18 in torchvision's layout: (state dict, features fn).
+
+  The state dict is what torchvision's `resnet18().state_dict()` holds (`conv1.weight`,
+  `layer1.0.bn1.running_mean`, `...num_batches_tracked` int64 buffers, `fc.*`);
+  `features(x)` maps NCHW float32 images to layer4's output (NCHW, eval-mode BatchNorm).
+  From torchvision itself where it imports. The torchvision wheel on this project's package
+  index is a CUDA build that does not load beside torch+cpu (and, installed, breaks
+  `transformers`), so otherwise the transformers ResNet-18 (basic blocks, the same trunk)
+  supplies the weights and the forward pass, its keys renamed to torchvision's.
+  """
+  torch.manual_seed(seed)
+  try:
+    from torchvision.models import resnet18
+  except ImportError:
+    resnet18 = None
+  if resnet18 is not None:
+    model = resnet18().eval()
+    _randomize_batch_norms(model, seed + 1)
+    trunk = torch.nn.Sequential(*list(model.children())[:-2])
+    return model.state_dict(), trunk
+  from transformers import ResNetBackbone, ResNetConfig
+
+  config = ResNetConfig(
+    out_features=["stage4"],
+    layer_type="basic",
+    depths=[2, 2, 2, 2],
+    hidden_sizes=[64, 128, 256, 512],
+  )
+  model = ResNetBackbone(config).eval()
+  _randomize_batch_norms(model, seed + 1)
+  prefix = len("backbone.0.body.")
+  state_dict = {
+    _rename("model.backbone.model." + k)[prefix:]: v for k, v in model.state_dict().items()
+  }
+  state_dict["fc.weight"] = torch.randn(1000, 512) * 0.01
+  state_dict["fc.bias"] = torch.zeros(1000)
+  return state_dict, lambda x: model(x).feature_maps[-1]
 
 
 def hf_outputs(model, images_nhwc):
