@@ -13,6 +13,11 @@ def get_model_config():
   return ml_collections.ConfigDict(
     dict(
       backbone="resnet50",  # resnet18 | resnet34 | resnet50 | resnet101
+      # Initial backbone weights of a fresh run: "torchvision" (the ImageNet checkpoint of
+      # `backbone` that the reference starts from, downloaded once into weights_cache_dir),
+      # a local .pth/.safetensors file, a URL, or "" (random). Unused when resuming or with
+      # init_from.
+      backbone_weights="torchvision",
       dilation=False,  # DC5: layer4 dilated, output stride 16
       # Backbone parts that train. Reference: stem and layer1 frozen.
       backbone_trainable=("layer2", "layer3", "layer4"),
@@ -153,6 +158,8 @@ def get_config():
   config.bn_init_from_data = False
   config.fsdp = False  # shard large parameters and optimizer state over devices
   config.init_from = ""  # workdir or checkpoint dir of a converted/trained model to start from
+  # Downloaded weights (model.backbone_weights): "" is $DETR_JAX_CACHE, else ~/.cache/detr_jax.
+  config.weights_cache_dir = ""
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.eval_every_steps = 5000

@@ -25,6 +25,7 @@ def get_config():
 
   m = config.model
   m.backbone = "resnet18"
+  m.backbone_weights = ""  # random: the quickstart and the tests download nothing
   m.backbone_trainable = ("stem", "layer1", "layer2", "layer3", "layer4")
   m.num_classes = config.data.synthetic_num_classes
   m.num_queries = 10

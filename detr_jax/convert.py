@@ -1,60 +1,265 @@
-"""Weight import from the reference PyTorch DETR release and torchvision ResNets.
+"""Weight import from every DETR checkpoint layout, without torch.
 
-- `load_torch_checkpoint(path)`: a `.pth` state dict, read with `torch.load(weights_only=True)`
-  so no pickled code runs (the reference's `args` Namespace is the one class allowed).
-- `torch_to_flax(state_dict, model_config)`: the variables `model.apply` takes. Every
-  expected key must be present with the right shape and every key must be used: otherwise a
-  `ValueError` lists the missing, unexpected and mis-shaped keys.
-- `torchvision_resnet_to_flax(state_dict, variables, model_config)`: ImageNet backbone
-  initialization from a torchvision ResNet checkpoint (`fc.*` ignored).
+Files: `.pth` / `.pth.tar` written by `torch.save` (read by `torch_io`, which never runs pickled
+code) and `.safetensors`. Layouts, detected from the key names:
+- `reference`: the reference DETR release (`{'model': ...}`, R50/R101/DC5/DC5-R101).
+- `seed`: the seed re-implementation's `<name>.best.pth.tar` (`{'model_state_dict': ...}`,
+  its own module names, q/k/v as separate linears).
+- `transformers`: the `transformers` DETR (`model.safetensors` of the model hub's
+  `facebook/detr-resnet-50` / `-101`, or a `state_dict()` of `DetrForObjectDetection`), with a
+  timm / torchvision-named ResNet backbone (the hub's) or the transformers-native ResNet.
+- `torchvision`: a torchvision ImageNet ResNet (backbone only; `fc.*` is dropped).
+Every layout is first renamed to the reference key names (`normalize_state_dict`); the
+`num_batches_tracked` counters of every layout are dropped.
+
+- `load_torch_checkpoint(path)`: the file's weights under reference names, float32 NumPy.
+- `torch_to_flax(state_dict, model_config)`: the variables `model.apply` takes, from a full
+  DETR in any layout. Every expected key must be present with the right shape and every key
+  must be used: otherwise a `ValueError` lists the missing, unexpected and mis-shaped keys.
+- `torchvision_resnet_to_flax(state_dict, variables, model_config)`: replaces the backbone
+  of `variables` by a backbone-only state dict (any layout; torchvision's ImageNet weights).
 - `merge_pretrained(pretrained, initialized)`: fine-tuning with another class count keeps
   everything but the class head.
 
 CLI (writes a checkpoint that `eval.py --workdir DIR` evaluates):
-  python -m detr_jax.convert CHECKPOINT.pth --config configs/coco_500ep.py --workdir DIR
+  python -m detr_jax.convert FILE_OR_URL --config configs/coco_500ep.py --workdir DIR
+A backbone-only file initializes the backbone and the rest randomly (from `config.seed`);
+`--backbone_only` takes only the backbone of a full DETR file.
 """
 
 import argparse
+import collections
 import re
 
 import flax
 import jax
 import numpy as np
+from absl import logging
 
-from detr_jax import models
+from detr_jax import models, pretrained, torch_io
 
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+BODY = "backbone.0.body."  # reference prefix of the ResNet trunk
+
+# ---- Layouts: key renaming to the reference names -------------------------------------------
+# Each layout is a list of (regex, replacement) rules; a key takes the first rule whose regex
+# matches all of it. The replacement is a `re` template, a function of the match, or None to
+# drop the key. q/k/v projections come out as `<attn>.{q,k,v}_proj.*` and are packed into the
+# reference's `in_proj_*` afterwards.
+_SAME = r"\g<0>"
+_TRUNK = (  # torchvision (and timm) ResNet names, one group
+  r"(conv1\.weight|bn1\.\w+|layer[1-4]\.\d+\."
+  r"(?:conv[1-3]\.weight|bn[1-3]\.\w+|downsample\.0\.weight|downsample\.1\.\w+))"
+)
+_SEED_ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "proj": "out_proj"}
+_HF_ATTN = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
+_HF_NORMS = {
+  "encoder": {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"},
+  "decoder": {
+    "self_attn_layer_norm": "norm1",
+    "encoder_attn_layer_norm": "norm2",
+    "final_layer_norm": "norm3",
+  },
+}
+# transformers 4 saves `model.backbone.conv_encoder.model.`, 5's modules say `model.backbone.model.`
+_HF_TRUNK = r"model\.backbone\.(?:conv_encoder\.)?model\."
+_HF_STAGE = _HF_TRUNK + r"encoder\.stages\.([0-3])\.layers\.(\d+)\."
+
+
+def _hf_native_block(m):
+  """transformers ResNet `stages.S.layers.J.layer.K.{convolution,normalization}.*`."""
+  stage, block, k, kind, leaf = m.groups()
+  name = "conv" if kind == "convolution" else "bn"
+  return f"{BODY}layer{int(stage) + 1}.{block}.{name}{int(k) + 1}.{leaf}"
+
+
+def _hf_native_shortcut(m):
+  stage, block, kind, leaf = m.groups()
+  return f"{BODY}layer{int(stage) + 1}.{block}.downsample.{int(kind == 'normalization')}.{leaf}"
+
+
+LAYOUTS = {
+  "reference": [
+    (rf"backbone\.0\.body\.{_TRUNK}", _SAME),
+    (r"transformer\.(encoder|decoder)\.(layers\.\d+|norm)\.[\w.]+", _SAME),
+    (r"input_proj\.(weight|bias)|query_embed\.weight|class_embed\.(weight|bias)", _SAME),
+    (r"bbox_embed\.layers\.\d+\.(weight|bias)", _SAME),
+  ],
+  "seed": [
+    (r"backbone\.0\.weight", BODY + "conv1.weight"),
+    (r"backbone\.1\.(\w+)", BODY + r"bn1.\1"),
+    (r"backbone\.([4-7])\.(\d+\.[\w.]+)", lambda m: f"{BODY}layer{int(m[1]) - 3}.{m[2]}"),
+    (
+      r"transformer\.encoder\.encoders\.(\d+)\.attn\.(q|k|v|proj)\.(weight|bias)",
+      lambda m: f"transformer.encoder.layers.{m[1]}.self_attn.{_SEED_ATTN[m[2]]}.{m[3]}",
+    ),
+    (
+      r"transformer\.decoder\.decoders\.(\d+)\.attn_(t|x)\.(q|k|v|proj)\.(weight|bias)",
+      lambda m: (
+        f"transformer.decoder.layers.{m[1]}."
+        f"{'self_attn' if m[2] == 't' else 'multihead_attn'}.{_SEED_ATTN[m[3]]}.{m[4]}"
+      ),
+    ),
+    (
+      r"transformer\.(encoder|decoder)\.\1s\.(\d+)\.mlp\.fc([12])\.(weight|bias)",
+      r"transformer.\1.layers.\2.linear\3.\4",
+    ),
+    (
+      r"transformer\.(encoder|decoder)\.\1s\.(\d+)\.(norm[123])\.(weight|bias)",
+      r"transformer.\1.layers.\2.\3.\4",
+    ),
+    (r"transformer\.decoder\.norm\.(weight|bias)|input_proj\.(weight|bias)", _SAME),
+    (r"query_embed\.weight", _SAME),
+    (r"class_layer\.(weight|bias)", r"class_embed.\1"),
+    (
+      r"box_layer\.box_layers\.([024])\.(weight|bias)",
+      lambda m: f"bbox_embed.layers.{int(m[1]) // 2}.{m[2]}",
+    ),
+  ],
+  "transformers": [
+    (_HF_TRUNK + _TRUNK, BODY + r"\1"),
+    (_HF_TRUNK + r"embedder\.embedder\.convolution\.weight", BODY + "conv1.weight"),
+    (_HF_TRUNK + r"embedder\.embedder\.normalization\.(\w+)", BODY + r"bn1.\1"),
+    (_HF_STAGE + r"layer\.([0-2])\.(convolution|normalization)\.(\w+)", _hf_native_block),
+    (_HF_STAGE + r"shortcut\.(convolution|normalization)\.(\w+)", _hf_native_shortcut),
+    (
+      r"model\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)\."
+      r"(q_proj|k_proj|v_proj|out_proj|o_proj)\.(weight|bias)",
+      lambda m: (
+        f"transformer.{m[1]}.layers.{m[2]}.{_HF_ATTN[m[3]]}."
+        f"{'out_proj' if m[4] == 'o_proj' else m[4]}.{m[5]}"
+      ),
+    ),
+    (
+      r"model\.(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)",
+      r"transformer.\1.layers.\2.linear\3.\4",
+    ),
+    (
+      r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+_layer_norm)\.(weight|bias)",
+      lambda m: (
+        f"transformer.{m[1]}.layers.{m[2]}.{_HF_NORMS[m[1]][m[3]]}.{m[4]}"
+        if m[3] in _HF_NORMS[m[1]]
+        else None
+      ),
+    ),
+    (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+    (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
+    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+    (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
+    (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+  ],
+  "torchvision": [
+    (_TRUNK, BODY + r"\1"),
+    (r"fc\.(weight|bias)", None),  # the ImageNet classifier is not part of DETR
+  ],
+}
+_NO_FIT = object()
+
+
+def _rename(rules, key):
+  """The reference name of `key` under `rules`, None to drop it, or _NO_FIT.
+
+  A function replacement returns None when the match does not fit after all.
+  """
+  for pattern, repl in rules:
+    m = re.fullmatch(pattern, key)
+    if m is None:
+      continue
+    if repl is None:
+      return None
+    new = repl(m) if callable(repl) else m.expand(repl)
+    return _NO_FIT if new is None else new
+  return _NO_FIT
+
+
+def _pack_qkv(state_dict):
+  """`<attn>.{q,k,v}_proj.{weight,bias}` -> the reference's `<attn>.in_proj_{weight,bias}`.
+
+  q, k, v ([D, D] weights, [D] biases) are stacked in that order along dim 0 ([3D, D], [3D]).
+  An incomplete triple is left as it is (and reported as unexpected by the importer).
+  """
+  out, parts = {}, collections.defaultdict(dict)
+  for key, value in state_dict.items():
+    m = re.fullmatch(r"(.+)\.([qkv])_proj\.(weight|bias)", key)
+    if m:
+      parts[(m[1], m[3])][m[2]] = value
+    else:
+      out[key] = value
+  for (base, kind), p in parts.items():
+    if len(p) == 3:
+      out[f"{base}.in_proj_{kind}"] = np.concatenate([p["q"], p["k"], p["v"]], axis=0)
+    else:
+      out.update({f"{base}.{w}_proj.{kind}": v for w, v in p.items()})
+  return out
+
+
+def normalize_state_dict(state_dict):
+  """(layout name, the state dict under the reference key names) for any known layout.
+
+  The layout is the first of `LAYOUTS` whose rules fit every key (`num_batches_tracked`
+  counters aside, which are dropped; a `module.` prefix on every key, left by PyTorch's
+  DataParallel, is removed). Values are passed through (q/k/v concatenated). Raises a
+  ValueError naming the layouts tried and the first keys that did not fit each.
+  """
+  keys = [k for k in state_dict if not k.endswith("num_batches_tracked")]
+  strip = len("module.") if keys and all(k.startswith("module.") for k in keys) else 0
+  misfits = {}
+  for layout, rules in LAYOUTS.items():
+    renamed, bad = {}, []
+    for key in keys:
+      new = _rename(rules, key[strip:])
+      if new is _NO_FIT or new in renamed:  # a second key for one weight does not fit either
+        bad.append(key)
+      elif new is not None:
+        renamed[new] = state_dict[key]
+    if keys and not bad:
+      return layout, _pack_qkv(renamed)
+    misfits[layout] = bad[:3]
+  if not keys:
+    raise ValueError("The state dict holds no weights")
+  lines = "\n".join(f"  {layout}: {', '.join(keys)}" for layout, keys in misfits.items())
+  raise ValueError(
+    f"The state dict fits none of the known layouts ({', '.join(LAYOUTS)}). "
+    f"First keys that did not fit each:\n{lines}"
+  )
+
+
+def is_backbone_only(state_dict):
+  """True for a reference-named state dict that holds only the ResNet trunk."""
+  return bool(state_dict) and all(k.startswith(BODY) for k in state_dict)
+
+
+def _read(path):
+  """(layout, reference-named float32 state dict) of a weights file."""
+  obj = torch_io.load(path)
+  if isinstance(obj, dict):
+    for name in ("model", "model_state_dict"):  # reference release, seed
+      if isinstance(obj.get(name), dict):
+        obj = obj[name]
+        break
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  for key, value in obj.items():
+    if not isinstance(value, np.ndarray):
+      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+  try:
+    layout, state_dict = normalize_state_dict(obj)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+  state_dict = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+  logging.info("%s: %s layout, %d tensors", path, layout, len(state_dict))
+  return layout, state_dict
 
 
 def load_torch_checkpoint(path):
-  """Reads a PyTorch checkpoint without executing pickled code.
+  """Reads a weights file of any known layout without torch and without running its code.
 
-  Accepts a bare state dict or a dict with a `model` entry (the reference release format).
-  Returns a dict of name -> float32 NumPy array.
+  `path`: a `.pth` / `.pth.tar` (a bare state dict, `{'model': ...}` or
+  `{'model_state_dict': ...}`) or a `.safetensors` file. Returns a dict of reference key
+  name -> float32 NumPy array (see `normalize_state_dict`).
   """
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError("Reading .pth files needs torch: pip install 'detr_jax[torch]'") from e
-  try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ValueError(
-      f"{path}: cannot be read as a weights-only PyTorch checkpoint (it may contain pickled "
-      f"code, which detr_jax never executes): {e}"
-    ) from e
-  if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-    obj = obj["model"]
-  if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-  out = {}
-  for k, v in obj.items():
-    if not hasattr(v, "numpy"):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    out[k] = v.detach().float().numpy()
-  return out
+  return _read(path)[1]
 
 
 def _linear(w):
@@ -143,21 +348,19 @@ def reference_key(collection, path):
   raise KeyError(f"No reference key for {collection}/{'/'.join(path)}")
 
 
-def _import(
-  state_dict,
-  abstract,
-  keep=lambda collection, path: True,
-  key_fn=reference_key,
-  ignore=lambda key: False,
-):
-  """Fills the leaves of `abstract` chosen by `keep` from `state_dict`; errors list all problems."""
+def _import(state_dict, abstract, layout, keep=lambda collection, path: True):
+  """Fills the leaves of `abstract` chosen by `keep` from a reference-named `state_dict`.
+
+  Errors list every missing, unexpected and mis-shaped key (reference names; `layout` is the
+  layout the state dict came in, named in the message).
+  """
   flat = {}
   used, missing, misshaped = set(), [], []
   for collection, tree in abstract.items():
     for path, leaf in flax.traverse_util.flatten_dict(tree).items():
       if not keep(collection, path):
         continue
-      key, fn = key_fn(collection, path)
+      key, fn = reference_key(collection, path)
       if key not in state_dict:
         missing.append(key)
         continue
@@ -167,7 +370,7 @@ def _import(
         misshaped.append(f"{key}: got {np.shape(state_dict[key])}, expected {leaf.shape} (ours)")
         continue
       flat[(collection, *path)] = value
-  unexpected = sorted(k for k in state_dict if k not in used and not ignore(k))
+  unexpected = sorted(k for k in state_dict if k not in used)
   if missing or unexpected or misshaped:
     lines = []
     for title, keys in (
@@ -177,39 +380,50 @@ def _import(
     ):
       if keys:
         lines.append(f"{len(keys)} {title} keys:\n  " + "\n  ".join(keys))
-    raise ValueError("State dict does not match the model config.\n" + "\n".join(lines))
+    raise ValueError(
+      f"State dict ({layout} layout; keys named as in the reference) does not match the model "
+      "config.\n" + "\n".join(lines)
+    )
   return flat
 
 
 def torch_to_flax(state_dict, model_config):
-  """Reference DETR state dict -> `{"params", "batch_stats"}` for `build_model(model_config)`.
+  """A full DETR state dict in any layout -> `{"params", "batch_stats"}` for `build_model`.
 
-  `num_batches_tracked` entries are ignored; any other extra, missing or mis-shaped key
-  raises a ValueError that lists them all.
+  state_dict: name -> array (torch layout: linear weights [out, in], convs OIHW), in any of
+  `LAYOUTS`. Any extra, missing or mis-shaped key raises a ValueError that lists them all; a
+  backbone-only state dict raises one that points to `torchvision_resnet_to_flax`.
   """
-  abstract = models.abstract_variables(models.build_model(model_config))
-  flat = _import(state_dict, abstract, ignore=lambda k: k.endswith("num_batches_tracked"))
+  layout, state_dict = normalize_state_dict(state_dict)
+  if is_backbone_only(state_dict):
+    raise ValueError(
+      f"The state dict ({layout} layout) holds only a ResNet backbone: initialize the model and "
+      "use torchvision_resnet_to_flax (the convert CLI does this by itself)"
+    )
+  flat = _import(state_dict, models.abstract_variables(models.build_model(model_config)), layout)
   return flax.traverse_util.unflatten_dict(flat)
 
 
 def torchvision_resnet_to_flax(state_dict, variables, model_config):
-  """Replaces the backbone in `variables` by a torchvision ImageNet ResNet's weights.
+  """Replaces the backbone in `variables` by the weights of a backbone-only state dict.
 
-  `state_dict` has torchvision keys (`conv1.weight`, `layer1.0.bn1.running_mean`, ...);
-  `fc.*` and `num_batches_tracked` are ignored. Returns new variables.
+  state_dict: a ResNet trunk in any layout, typically torchvision's ImageNet ResNet
+  (`conv1.weight`, `layer1.0.bn1.running_mean`, ...; `fc.*` and `num_batches_tracked` are
+  dropped). Returns new variables (NumPy leaves); the rest of `variables` is kept as it is.
   """
-  abstract = jax.eval_shape(lambda: variables)
   del model_config  # the backbone layout is read off `variables`
-
-  def key_fn(collection, path):
-    return _backbone_key(collection, path[1:])
-
+  layout, state_dict = normalize_state_dict(state_dict)
+  if not is_backbone_only(state_dict):
+    others = [k for k in state_dict if not k.startswith(BODY)]
+    raise ValueError(
+      f"The state dict ({layout} layout) is not backbone-only ({len(others)} other keys, e.g. "
+      f"{others[0]}): use torch_to_flax, or keep only its backbone keys"
+    )
   flat = _import(
     state_dict,
-    abstract,
+    jax.eval_shape(lambda: variables),
+    layout,
     keep=lambda collection, path: path[0] == "backbone",
-    key_fn=key_fn,
-    ignore=lambda k: k.startswith("fc.") or k.endswith("num_batches_tracked"),
   )
   out = flax.traverse_util.flatten_dict(jax.tree.map(np.asarray, variables))
   out.update(flat)
@@ -243,32 +457,40 @@ def merge_pretrained(pretrained, initialized, reinit=("class_embed",)):
 
 
 def main(argv=None):
-  """CLI: convert a reference .pth into a detr_jax workdir checkpoint (step 0)."""
+  """CLI: convert a weights file of any layout into a detr_jax workdir checkpoint (step 0)."""
   from detr_jax import checkpoint, config_utils
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
-    "checkpoint", help="reference DETR .pth (or torchvision ResNet with --backbone_only)"
+    "checkpoint",
+    help="a .pth / .pth.tar / .safetensors file or its URL: reference DETR release, seed "
+    "checkpoint, transformers DETR or torchvision ResNet (layout detected from the keys)",
   )
   parser.add_argument("--config", required=True, help="config file, e.g. configs/coco_500ep.py")
   parser.add_argument("--workdir", required=True, help="where to write the converted checkpoint")
   parser.add_argument(
     "--backbone_only",
     action="store_true",
-    help="the file is a torchvision ResNet: initialize the backbone, the rest randomly",
+    help="take only the backbone of the file and initialize the rest randomly (implied for a "
+    "backbone-only file such as a torchvision ResNet)",
   )
   args = parser.parse_args(argv)
   config = config_utils.load_config_file(args.config)
-  state_dict = load_torch_checkpoint(args.checkpoint)
+  path = pretrained.fetch(args.checkpoint)
+  layout, state_dict = _read(path)
   if args.backbone_only:
+    state_dict = {k: v for k, v in state_dict.items() if k.startswith(BODY)}
+  if is_backbone_only(state_dict):
     model = models.build_model(config.model)
     variables = models.init_variables(model, jax.random.key(config.seed), tuple(config.image_size))
     variables = torchvision_resnet_to_flax(state_dict, variables, config.model)
+    what = "backbone"
   else:
     variables = torch_to_flax(state_dict, config.model)
+    what = "model"
   checkpoint.write_variables(args.workdir, variables, config)
   n = models.count_params(variables["params"])
-  print(f"Wrote {n:,} parameters from {args.checkpoint} to {args.workdir}")
+  print(f"Wrote {n:,} parameters ({what} from {path}, {layout} layout) to {args.workdir}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from detr_jax import host_memory, sharding
@@ -100,6 +101,20 @@ def sync_processes(name, timeout=3600):
     from orbax.checkpoint import multihost
 
     multihost.sync_global_processes(f"detr_jax_{name}", timeout=timeout)
+
+
+def check_same_on_all_processes(digest, what):
+  """Raises unless every process passes the same `digest` (bytes, e.g. a file's sha256):
+  e.g. no host starts training from other weights than process 0's."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  mine = np.frombuffer(digest[:8].ljust(8, b"\0"), np.int64)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+  differ = [i for i, d in enumerate(every) if d != every[0]]
+  if differ:
+    raise UserError(f"{what} differs between process 0 and processes {differ}")
 
 
 def compile_then_sync(jitted, *args, name):

@@ -7,16 +7,21 @@ A state is a dict:
   bad_step   int32 scalar, the first step whose loss was not finite, or -1.
 
 `initial_state` gives a run its first state, already sharded over the mesh: restored from the
-workdir's latest checkpoint (resume), or fresh: random, from a pretrained workdir
-(`config.init_from`), or with frozen BatchNorm statistics estimated from the first batch
-(`config.bn_init_from_data`).
+workdir's latest checkpoint (resume), or fresh: from a pretrained workdir (`config.init_from`),
+else random with the backbone's ImageNet weights (`config.model.backbone_weights`), or with
+frozen BatchNorm statistics estimated from the first batch (`config.bn_init_from_data`).
+Resuming and `init_from` never download anything.
 """
 
+import hashlib
+
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from detr_jax import checkpoint, convert, models, sharding
+from detr_jax import checkpoint, convert, models, pretrained, runtime, sharding
 
 
 def abstract_state(model, tx):
@@ -88,6 +93,9 @@ def initial_state(config, model, tx, mesh, manager, first_images):
   if config.init_from:
     random = random_variables(model, config, shardings["variables"])
     variables = jax.device_put(load_pretrained(config.init_from, random), shardings["variables"])
+  elif config.model.backbone_weights:
+    random = random_variables(model, config, shardings["variables"])
+    variables = with_backbone_weights(random, config, model)
   elif config.bn_init_from_data:
     random = random_variables(model, config, shardings["variables"])
     variables = jax.jit(
@@ -95,6 +103,31 @@ def initial_state(config, model, tx, mesh, manager, first_images):
     )(random, first_images())
     logging.info("Frozen BatchNorm statistics estimated from the first training batch")
   return fresh_state(model, tx, config, shardings, variables), 0
+
+
+def with_backbone_weights(variables, config, model):
+  """`variables` (sharded) with the backbone from `config.model.backbone_weights`.
+
+  The file is fetched once per host (`pretrained.resolve_backbone_weights`: the torchvision
+  ImageNet checkpoint, a local file or a URL, cached in `config.weights_cache_dir`), read
+  without torch, and checked to be the same file on every process.
+  """
+  path = pretrained.resolve_backbone_weights(
+    config.model.backbone_weights, config.model.backbone, config.weights_cache_dir or None
+  )
+  with open(path, "rb") as f:
+    digest = hashlib.file_digest(f, "sha256").digest()
+  runtime.check_same_on_all_processes(digest, f"The backbone weights file {path}")
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), models.abstract_variables(model))
+  loaded = flax.traverse_util.flatten_dict(
+    convert.torchvision_resnet_to_flax(convert.load_torch_checkpoint(path), zeros, config.model)
+  )
+  flat = flax.traverse_util.flatten_dict(variables)
+  for key, value in flat.items():
+    if key[1] == "backbone":
+      flat[key] = jax.device_put(loaded[key], value.sharding)
+  logging.info("Backbone %s initialized from %s", config.model.backbone, path)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def restore_state(manager, step, abstract, shardings):

@@ -63,6 +63,12 @@ def validate_config(config, num_devices, num_processes=1):
       f"config.image_size={tuple(config.image_size)} must be divisible by the backbone "
       f"stride {stride}"
     )
+  if config.bn_init_from_data and config.model.backbone_weights:
+    raise ValueError(
+      "config.bn_init_from_data=True re-estimates the BatchNorm statistics of a backbone "
+      f"trained from scratch; config.model.backbone_weights={config.model.backbone_weights!r} "
+      'loads ImageNet ones: set one of them off (backbone_weights="" for random)'
+    )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set config.num_train_steps > 0 or config.num_epochs > 0")
 

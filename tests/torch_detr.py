@@ -2,7 +2,9 @@
 
 `build_hf_detr` builds DETR-R50 with the transformers-native ResNet backbone; `reference_state_dict`
 exports its weights under the reference DETR key names (q/k/v packed into `in_proj_*`), the
-layout `detr_jax.convert.torch_to_flax` imports.
+layout `detr_jax.convert.torch_to_flax` imports; `seed_state_dict` renames those to the seed
+re-implementation's names. `torchvision_resnet18` gives a random ResNet-18 in torchvision's
+layout with its forward pass.
 """
 
 import re
@@ -125,17 +127,122 @@ def reference_state_dict(model):
   return out
 
 
+def small_model_overrides(num_labels):
+  """The fields of our `config.model` that `build_hf_detr(small=True)` changes (plain data)."""
+  return dict(
+    backbone="resnet18",
+    num_classes=num_labels,
+    hidden_dim=SMALL["d_model"],
+    num_heads=SMALL["encoder_attention_heads"],
+    dim_feedforward=SMALL["encoder_ffn_dim"],
+    num_encoder_layers=SMALL["encoder_layers"],
+    num_decoder_layers=SMALL["decoder_layers"],
+    num_queries=SMALL["num_queries"],
+  )
+
+
 def small_model_config(num_labels):
   """Our `config.model` matching `build_hf_detr(small=True)`."""
   from configs import base
 
   c = base.get_model_config()
-  c.backbone = "resnet18"
-  c.num_classes = num_labels
-  c.hidden_dim, c.num_heads, c.dim_feedforward = SMALL["d_model"], 4, SMALL["encoder_ffn_dim"]
-  c.num_encoder_layers, c.num_decoder_layers = SMALL["encoder_layers"], SMALL["decoder_layers"]
-  c.num_queries = SMALL["num_queries"]
+  c.update(small_model_overrides(num_labels))
   return c
+
+
+def seed_state_dict(reference):
+  """A reference-layout state dict under the seed re-implementation's names.
+
+  The seed's naming (its checkpoint-layout notes) read from right to left: the stem and
+  stages become `backbone.{0,1,4..7}`, `in_proj_*` splits into `attn.{q,k,v}`, the heads are
+  `class_layer` and `box_layer.box_layers.{0,2,4}`.
+  """
+  attn = {
+    ("encoder", "self_attn"): "attn",
+    ("decoder", "self_attn"): "attn_t",
+    ("decoder", "multihead_attn"): "attn_x",
+  }
+  out = {}
+  for k, v in reference.items():
+    if m := re.fullmatch(r"backbone\.0\.body\.(conv1|bn1)\.(\w+)", k):
+      out[f"backbone.{int(m[1] == 'bn1')}.{m[2]}"] = v
+    elif m := re.fullmatch(r"backbone\.0\.body\.layer([1-4])\.(.+)", k):
+      out[f"backbone.{int(m[1]) + 3}.{m[2]}"] = v
+    elif m := re.fullmatch(r"transformer\.(\w+)coder\.layers\.(\d+)\.(\w+)\.(.+)", k):
+      kind, i, sub, rest = m[1] + "coder", m[2], m[3], m[4]
+      base = f"transformer.{kind}.{kind}s.{i}"
+      if sub in ("self_attn", "multihead_attn"):
+        name = attn[(kind, sub)]
+        if rest.startswith("in_proj_"):
+          leaf = rest[len("in_proj_") :]
+          for which, part in zip("qkv", np.split(v, 3, axis=0)):
+            out[f"{base}.{name}.{which}.{leaf}"] = part
+        else:
+          out[f"{base}.{name}.proj.{rest.split('.')[-1]}"] = v
+      elif sub in ("linear1", "linear2"):
+        out[f"{base}.mlp.fc{sub[-1]}.{rest}"] = v
+      else:  # norm1..3
+        out[f"{base}.{sub}.{rest}"] = v
+    elif m := re.fullmatch(r"class_embed\.(\w+)", k):
+      out[f"class_layer.{m[1]}"] = v
+    elif m := re.fullmatch(r"bbox_embed\.layers\.(\d)\.(\w+)", k):
+      out[f"box_layer.box_layers.{2 * int(m[1])}.{m[2]}"] = v
+    else:  # transformer.decoder.norm, input_proj, query_embed
+      out[k] = v
+  return out
+
+
+def _randomize_batch_norms(model, seed):
+  """Random but tame BatchNorm statistics and affine parameters (they start as identity)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        n = module.num_features
+        module.running_var.copy_(0.5 + torch.rand(n, generator=g))
+        module.running_mean.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+        module.weight.copy_(0.2 + 0.6 * torch.rand(n, generator=g))
+        module.bias.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+
+
+def torchvision_resnet18(seed=0):
+  """A random ResNet-18 in torchvision's layout: (state dict, features fn).
+
+  The state dict is what torchvision's `resnet18().state_dict()` holds (`conv1.weight`,
+  `layer1.0.bn1.running_mean`, `...num_batches_tracked` int64 buffers, `fc.*`);
+  `features(x)` maps NCHW float32 images to layer4's output (NCHW, eval-mode BatchNorm).
+  From torchvision itself where it imports. The torchvision wheel on this project's package
+  index is a CUDA build that does not load beside torch+cpu (and, installed, breaks
+  `transformers`), so otherwise the transformers ResNet-18 (basic blocks, the same trunk)
+  supplies the weights and the forward pass, its keys renamed to torchvision's.
+  """
+  torch.manual_seed(seed)
+  try:
+    from torchvision.models import resnet18
+  except ImportError:
+    resnet18 = None
+  if resnet18 is not None:
+    model = resnet18().eval()
+    _randomize_batch_norms(model, seed + 1)
+    trunk = torch.nn.Sequential(*list(model.children())[:-2])
+    return model.state_dict(), trunk
+  from transformers import ResNetBackbone, ResNetConfig
+
+  config = ResNetConfig(
+    out_features=["stage4"],
+    layer_type="basic",
+    depths=[2, 2, 2, 2],
+    hidden_sizes=[64, 128, 256, 512],
+  )
+  model = ResNetBackbone(config).eval()
+  _randomize_batch_norms(model, seed + 1)
+  prefix = len("backbone.0.body.")
+  state_dict = {
+    _rename("model.backbone.model." + k)[prefix:]: v for k, v in model.state_dict().items()
+  }
+  state_dict["fc.weight"] = torch.randn(1000, 512) * 0.01
+  state_dict["fc.bias"] = torch.zeros(1000)
+  return state_dict, lambda x: model(x).feature_maps[-1]
 
 
 def hf_outputs(model, images_nhwc):
