@@ -11,6 +11,7 @@ import sys
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -274,7 +275,8 @@ def test_torchvision_resnet_imports_without_torch_and_matches_its_features(
   _, _, features = layout_files
   variables = imported_without_torch["torchvision"]
   images = np.random.default_rng(2).normal(size=(2, 64, 96, 3)).astype(np.float32)
-  ours = backbone.ResNet("resnet18").apply(
+  trainable = ("layer2", "layer3", "layer4")
+  ours = backbone.ResNet("resnet18", False, trainable, jnp.float32, False, "auto").apply(
     {
       "params": variables["params"]["backbone"],
       "batch_stats": variables["batch_stats"]["backbone"],
