@@ -456,25 +456,30 @@ def merge_pretrained(pretrained, initialized, reinit=("class_embed",)):
   return flax.traverse_util.unflatten_dict(out), reinitialized
 
 
-def main(argv=None):
-  """CLI: convert a weights file of any layout into a detr_jax workdir checkpoint (step 0)."""
-  from detr_jax import checkpoint, config_utils
-
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument(
+def parser():
+  """The command line of `python -m detr_jax.convert`."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument(
     "checkpoint",
     help="a .pth / .pth.tar / .safetensors file or its URL: reference DETR release, seed "
     "checkpoint, transformers DETR or torchvision ResNet (layout detected from the keys)",
   )
-  parser.add_argument("--config", required=True, help="config file, e.g. configs/coco_500ep.py")
-  parser.add_argument("--workdir", required=True, help="where to write the converted checkpoint")
-  parser.add_argument(
+  p.add_argument("--config", required=True, help="config file, e.g. configs/coco_500ep.py")
+  p.add_argument("--workdir", required=True, help="where to write the converted checkpoint")
+  p.add_argument(
     "--backbone_only",
     action="store_true",
     help="take only the backbone of the file and initialize the rest randomly (implied for a "
     "backbone-only file such as a torchvision ResNet)",
   )
-  args = parser.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  """CLI: convert a weights file of any layout into a detr_jax workdir checkpoint (step 0)."""
+  from detr_jax import checkpoint, config_utils
+
+  args = parser().parse_args(argv)
   config = config_utils.load_config_file(args.config)
   path = pretrained.fetch(args.checkpoint)
   layout, state_dict = _read(path)
