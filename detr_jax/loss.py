@@ -85,6 +85,20 @@ def mask_losses(pred_masks, masks, idx, matched, num_boxes):
   return loss_mask, loss_dice
 
 
+def _check_target_masks(targets):
+  if "masks" not in targets:
+    raise ValueError(
+      "The model predicts masks (config.model.masks=True) but the batch has no `masks` "
+      f"[B, T, Hm, Wm]; batch fields: {sorted(targets)}"
+    )
+  shape, expected = targets["masks"].shape, targets["labels"].shape
+  if len(shape) != 4 or tuple(shape[:2]) != tuple(expected):
+    raise ValueError(
+      f"batch `masks` has shape {tuple(shape)}; expected [B, T, Hm, Wm] with [B, T] = "
+      f"{tuple(expected)} (the shape of `labels`)"
+    )
+
+
 def _stack_layers(outputs, aux_loss):
   """Decoder layer outputs stacked: logits [L, B, Q, K+1], boxes [L, B, Q, 4] (last = final)."""
   layers = (list(outputs["aux_outputs"]) if aux_loss else []) + [outputs]
@@ -129,6 +143,8 @@ def set_loss(
     queries) and `cardinality_error` (mean |#non-no-object predictions - #targets|, also
     per auxiliary layer as `cardinality_error_{i}`), as the reference logs them.
   """
+  if "pred_masks" in outputs:
+    _check_target_masks(targets)
   logits, pboxes = _stack_layers(outputs, aux_loss)
   num_layers, _, num_queries, _ = logits.shape
   labels = targets["labels"].astype(jnp.int32)
@@ -173,19 +189,8 @@ def set_loss(
 
   metrics = {}
   if "pred_masks" in outputs:
-    if "masks" not in targets:
-      raise ValueError(
-        "The model predicts masks (config.model.masks=True) but the batch has no `masks` "
-        f"[B, T, Hm, Wm]; batch fields: {sorted(targets)}"
-      )
-    masks = targets["masks"]
-    if masks.ndim != 4 or masks.shape[:2] != labels.shape:
-      raise ValueError(
-        f"batch `masks` has shape {masks.shape}; expected [B, T, Hm, Wm] with [B, T] = "
-        f"{labels.shape} (the shape of `labels`)"
-      )
     loss_mask, loss_dice = mask_losses(
-      outputs["pred_masks"], masks, safe_idx[-1], matched[-1], num_boxes
+      outputs["pred_masks"], targets["masks"], safe_idx[-1], matched[-1], num_boxes
     )
     loss = loss + mask_weight * loss_mask + dice_weight * loss_dice
     metrics["loss_mask"], metrics["loss_dice"] = loss_mask, loss_dice
