@@ -117,23 +117,22 @@ def resize_bilinear(x, size):
 
 # ---- Convolutions of upsampled inputs ---------------------------------------------------------
 
-# For a 2x nearest upsampling, output row 2i + a of a 3x3 convolution reads upsampled rows
-# 2i + a - 1 .. 2i + a + 1, i.e. low-resolution rows i - 1, i, i (a = 0) or i, i, i + 1
-# (a = 1). _PHASE[a][t, d] maps kernel tap d to the low-resolution offset t - 1.
-_PHASE = np.array(
-  [
-    [[1, 0, 0], [0, 1, 1], [0, 0, 0]],  # a = 0: offset -1 <- tap 0; offset 0 <- taps 1, 2
-    [[0, 0, 0], [1, 1, 0], [0, 0, 1]],  # a = 1: offset 0 <- taps 0, 1; offset +1 <- tap 2
-  ],
-  np.float32,
-)
+
+def _phases(w, axis):
+  """The two 3-tap kernels along `axis` that a 3x3 convolution of a 2x nearest-upsampled
+  input applies to the low-resolution input: output 2i reads upsampled rows 2i - 1, 2i,
+  2i + 1 = low rows i - 1, i, i (taps [w0, w1 + w2, 0]); output 2i + 1 reads low rows i, i,
+  i + 1 (taps [0, w0 + w1, w2]). Slices and sums only (no constant matrices for XLA to fold)."""
+  t0, t1, t2 = (jax.lax.index_in_dim(w, i, axis, keepdims=False) for i in range(3))
+  zero = jnp.zeros_like(t0)
+  return jnp.stack([t0, t1 + t2, zero], axis), jnp.stack([zero, t0 + t1, t2], axis)
 
 
 def conv3x3_of_upsampled(x, w, impl, forward_only):
   """`conv2d(resize_nearest(x, 2x), w)` without materializing the upsampled input.
 
   The four output phases (row and column parity) are 3x3 convolutions of `x` itself with
-  kernels built from `w` (`_PHASE`), stacked along the output channels and interleaved back
+  kernels built from `w` (`_phases`), stacked along the output channels and interleaved back
   (a depth-to-space). Same FLOPs as the direct convolution on the upsampled input; the
   result differs from it only by float summation order.
 
@@ -146,10 +145,9 @@ def conv3x3_of_upsampled(x, w, impl, forward_only):
   """
   n, h, wd, _ = x.shape
   k = w.shape[-1]
-  phases = jnp.einsum(
-    "aiy,bjx,yxck->ijcabk", _PHASE, _PHASE, w.astype(jnp.float32), precision="highest"
-  )
-  phases = phases.reshape(3, 3, w.shape[2], 4 * k).astype(w.dtype)
+  rows = [_phases(r, 1) for r in _phases(w, 0)]  # [a][b]: [3, 3, C, K]
+  phases = jnp.stack([jnp.stack(cols, axis=-2) for cols in rows], axis=-3)  # [3, 3, C, 2, 2, K]
+  phases = phases.reshape(3, 3, w.shape[2], 4 * k)
   y = conv_lib.conv2d(x, phases, 1, 1, impl, forward_only)  # [N, h, w, 4K]
   y = y.reshape(n, h, wd, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
   return y.reshape(n, 2 * h, 2 * wd, k)
@@ -170,9 +168,13 @@ class ConvWeights(nn.Module):
     return kernel, bias
 
 
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm over [N, H, W, C] (statistics per sample and group, float32; biased
-  variance, eps 1e-5), `scale` and `bias` per channel; output in `dtype`."""
+class GroupNormReLU(nn.Module):
+  """torch.nn.GroupNorm over [N, H, W, C] (statistics per sample and group accumulated in
+  float32; biased variance, eps 1e-5), `scale` and `bias` per channel, then ReLU; in `dtype`.
+
+  Used under `nn.remat` (`GroupNormReLURemat`): the backward pass keeps only the input (in
+  `dtype`) and recomputes the statistics, instead of keeping float32 intermediates of the
+  size of the per-query activations."""
 
   num_groups: int
   dtype: jnp.dtype
@@ -182,12 +184,18 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xg = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+    xg = x.astype(self.dtype).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
     axes = (1, 2, 4)
-    mean = xg.mean(axes, keepdims=True)
-    var = jnp.square(xg - mean).mean(axes, keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(x.shape)
-    return (y * scale + bias).astype(self.dtype)
+    # Statistics accumulate in float32; the normalization itself runs in `dtype`, so that no
+    # float32 tensor of the activations' size exists (forward or backward) with bfloat16.
+    mean = jnp.mean(xg, axes, dtype=jnp.float32, keepdims=True)
+    var = jnp.mean(jnp.square(xg.astype(jnp.float32) - mean), axes, keepdims=True)
+    y = (xg - mean.astype(self.dtype)) * jax.lax.rsqrt(var + GN_EPS).astype(self.dtype)
+    y = y.reshape(x.shape) * scale.astype(self.dtype) + bias.astype(self.dtype)
+    return nn.relu(y)
+
+
+GroupNormReLURemat = nn.remat(GroupNormReLU)
 
 
 class MHAttentionMap(nn.Module):
@@ -267,7 +275,7 @@ class MaskHead(nn.Module):
       return y.reshape(b * q, *y.shape[2:])
 
     def norm_relu(x, i):
-      return nn.relu(GroupNorm(group_count(x.shape[-1]), dt, name=f"gn{i}")(x))
+      return GroupNormReLURemat(group_count(x.shape[-1]), dt, name=f"gn{i}")(x)
 
     kernel, bias = ConvWeights((3, 3, d + heads, dims[0]), name="lay1")()
     x = per_query(

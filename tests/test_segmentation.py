@@ -2,16 +2,19 @@
 transformers DetrForSegmentation, weight import of every segmentation layout, torch-exact
 resizing, the frozen-box-model training stage."""
 
+import argparse
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import torch.nn.functional as F
 import torch_detr
 
+from configs import base
 from detr_jax import backbone, conv, convert, models, optim, segmentation
 
 K = 7
@@ -66,6 +69,28 @@ def test_parameter_count_equals_transformers():
   assert models.count_params({k: v[k] for k in models.MASK_HEAD_MODULES}) == head
 
 
+def test_r50_panoptic_parameter_count_equals_transformers():
+  """DETR-R50 with the head and the panoptic release's 250 classes: 42,899,288 parameters,
+  as transformers' DetrForSegmentation (built on the meta device: no memory, no init)."""
+  from transformers import DetrConfig, DetrForSegmentation, ResNetConfig
+
+  stages = ["stage1", "stage2", "stage3", "stage4"]
+  cfg = DetrConfig(
+    use_timm_backbone=False,
+    use_pretrained_backbone=False,
+    backbone_config=ResNetConfig(out_features=stages),
+    num_labels=250,
+  )
+  with torch.device("meta"):
+    hf = DetrForSegmentation(cfg)
+  config = base.get_model_config()
+  config.masks, config.num_classes = True, 250
+  params = models.abstract_variables(models.build_model(config))["params"]
+  assert models.count_params(params) == sum(p.numel() for p in hf.parameters()) == 42_899_288
+  head = {k: params[k] for k in models.MASK_HEAD_MODULES}
+  assert models.count_params(head) == 1_333_657
+
+
 @pytest.mark.parametrize("legacy_head_names", [False, True])
 def test_transformers_segmentation_layouts_import_like_the_reference(legacy_head_names):
   """DetrForSegmentation's own state dict (transformers 5 module names) and with the head
@@ -82,6 +107,24 @@ def test_transformers_segmentation_layouts_import_like_the_reference(legacy_head
   assert "mask_head.gn3.weight" in normalized and "bbox_attention.k_linear.bias" in normalized
   got = convert.torch_to_flax(sd, torch_detr.small_segmentation_config(K))
   jax.tree.map(np.testing.assert_array_equal, got, _variables())
+
+
+def test_segmentation_files_import(tmp_path):
+  """A reference DETRsegm release file (`{'model': ..., 'args': ...}`, `.pth`) and the file
+  transformers' save_pretrained writes for DetrForSegmentation (the hub's names: the head as
+  in the reference, `detr.model.backbone.conv_encoder.model.*`) read to the same variables."""
+  hf, sd = _hf()
+  pth = str(tmp_path / "detr-small-panoptic.pth")
+  model = {k: torch.from_numpy(v) for k, v in sd.items()}
+  torch.save({"model": model, "args": argparse.Namespace(masks=True)}, pth)
+  hf.save_pretrained(str(tmp_path / "hf"))
+  hub = str(tmp_path / "hf" / "model.safetensors")
+  hub_keys = safetensors.numpy.load_file(hub)
+  assert "mask_head.lay1.weight" in hub_keys and "bbox_attention.q_linear.bias" in hub_keys
+  config = torch_detr.small_segmentation_config(K)
+  for path in (pth, hub):
+    got = convert.torch_to_flax(convert.load_torch_checkpoint(path), config)
+    jax.tree.map(np.testing.assert_array_equal, got, _variables())
 
 
 def test_box_only_and_segmentation_files_need_the_matching_masks_setting():
@@ -261,16 +304,24 @@ def test_train_only_mask_head_freezes_the_box_model():
   a learning-rate group (the optimizer's masking of frozen groups: tests/test_optim.py)."""
   config = torch_detr.small_segmentation_config(K)
   config.train_only_mask_head = True
-  config.conv = "xla"  # XLA:CPU compiles the CPU matmul path's gradients 3x slower
+  config.conv = "xla"  # XLA:CPU compiles the Winograd (matmul) gradients ~5x slower
   model = models.build_model(config)
   variables = _variables()
   images = _images((2, 64, 64, 3))
+
+  # Random weights on the outputs: a constant cotangent (a plain sum) makes XLA constant-fold
+  # the kernel gradients for a minute.
+  rng = np.random.default_rng(1)
+  weights = {
+    k: rng.normal(size=(2, 10, *s)).astype(np.float32)
+    for k, s in (("pred_masks", (16, 16)), ("pred_boxes", (4,)), ("pred_logits", (K + 1,)))
+  }
 
   def loss(params):
     out = model.apply(
       {**variables, "params": params}, images, train=True, rngs={"dropout": jax.random.key(0)}
     )
-    return out["pred_masks"].mean() + out["pred_boxes"].sum() + out["pred_logits"].sum()
+    return sum((out[k] * w).sum() for k, w in weights.items())
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
   for name, tree in grads.items():
