@@ -22,7 +22,9 @@ nearest-upsampled input is computed on the low-resolution input with four phase 
 (`conv3x3_of_upsampled`), so the upsampled per-query input is not materialized either. What
 stays per query is unavoidable: each GroupNorm normalizes one query's feature map, so the
 convolution outputs at strides 16, 8 and 4 exist per query ([B * Q, H/4, W/4, D/16] at the
-last stage).
+last stage). GroupNorm + ReLU normalize in the compute dtype (statistics in float32) and are
+rematerialized in the backward pass, so it keeps those outputs in bfloat16 under
+`model.dtype="bfloat16"` and no float32 copies (docs/benchmarks.md: the memory plans).
 
 Parameter names follow the reference state dict: `bbox_attention/{q_linear,k_linear}`,
 `mask_head/{lay1..lay5, gn1..gn5, adapter1..adapter3, out_lay}`.
