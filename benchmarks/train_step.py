@@ -26,6 +26,15 @@ against the median peak, and the median over rounds of each step against the pea
 in its own round.
 
   python benchmarks/train_step.py --size 512 --batch 2 --rounds 7 --torch
+
+Segmentation (`--masks`): the model with the reference's mask head (`config.model.masks`),
+the batch with target masks at 1/`--mask_stride` of the image size, the loss with the mask
+terms; `--train_only_mask_head` trains the head alone on the frozen box model (stage 2 of the
+reference's recipe). The reference side is then transformers' DetrForSegmentation with its
+loss on the same masks (trained parts chosen the same way). The peak memory XLA plans for
+our step (arguments, outputs, temporaries) is printed for every run.
+
+  python benchmarks/train_step.py --size 1024 --batch 8 --rounds 4 --dtype bfloat16 --masks
 """
 
 import argparse
@@ -59,28 +68,48 @@ def matmul_peak(dtype=jnp.float32, reps=5):
   return 2 * n**3 / min(ts)
 
 
-def _batch(batch, size, num_targets=8, seed=0):
+def _batch(batch, size, num_targets=8, seed=0, mask_stride=0):
+  """A training batch of random images and boxes; with `mask_stride` > 0 also `masks`
+  [B, 16, size / mask_stride, size / mask_stride] uint8: each box filled."""
   rng = np.random.default_rng(seed)
   valid = np.zeros((batch, 16), bool)
   valid[:, :num_targets] = True
   boxes = np.concatenate(
     [rng.uniform(0.2, 0.8, (batch, 16, 2)), rng.uniform(0.05, 0.3, (batch, 16, 2))], -1
   )
-  return {
+  out = {
     "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
     "labels": rng.integers(1, 91, (batch, 16)).astype(np.int32),
     "boxes": boxes.astype(np.float32),
     "valid": valid,
   }
+  if mask_stride:
+    side = size // mask_stride
+    grid = (np.arange(side) + 0.5) / side
+    lo, hi = boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2
+    inside_x = (grid >= lo[..., 0, None]) & (grid < hi[..., 0, None])  # [B, 16, side]
+    inside_y = (grid >= lo[..., 1, None]) & (grid < hi[..., 1, None])
+    out["masks"] = (inside_y[..., :, None] & inside_x[..., None, :]).astype(np.uint8)
+  return out
 
 
-def benchmark_config(dtype="float32", matcher="auto", remat=False, conv="auto", attention="auto"):
+def benchmark_config(
+  dtype="float32",
+  matcher="auto",
+  remat=False,
+  conv="auto",
+  attention="auto",
+  masks=False,
+  train_only_mask_head=False,
+):
   """configs/base.py (DETR-R50, the reference's optimizer) with the benchmark's switches."""
   config = base.get_config()
   config.model.dtype = dtype
   config.model.remat = remat
   config.model.conv = conv
   config.model.attention = attention
+  config.model.masks = masks
+  config.model.train_only_mask_head = train_only_mask_head
   config.loss.matcher = matcher
   return config
 
@@ -100,24 +129,45 @@ def build_step(config, size, steps_per_epoch=1000, mesh=None):
   return step_lib.jit_step(step_fn, state, mesh), state
 
 
-def model_flops(size, batch, dtype="float32", matcher="auto", remat=False):
+def model_flops(size, batch, dtype="float32", matcher="auto", remat=False, seg=None):
   """FLOPs of one train step with direct convolutions, from XLA's cost analysis of the step
   compiled (never run) for the host CPU: XLA:GPU's cost analysis leaves out the convolutions
-  that run as cuDNN calls, so the CPU count is the one comparable across backends."""
+  that run as cuDNN calls, so the CPU count is the one comparable across backends.
+  `seg`: None, or (mask_stride, train_only_mask_head) for the segmentation model."""
   cpu = jax.devices("cpu")[:1]
   with jax.default_device(cpu[0]):
-    config = benchmark_config(dtype, matcher, remat, conv="xla", attention="xla")
+    config = benchmark_config(
+      dtype, matcher, remat, "xla", "xla", seg is not None, bool(seg and seg[1])
+    )
     step, state = build_step(config, size, mesh=sharding.create_mesh(cpu))
-    lowered = step.lower(state, _batch(batch, size))
+    lowered = step.lower(state, _batch(batch, size, mask_stride=seg[0] if seg else 0))
     return lowered.compile().cost_analysis().get("flops")
 
 
-def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="auto"):
-  """(run one step -> seconds, executed FLOPs as XLA counts them on this backend)."""
+def describe_memory(compiled):
+  """XLA's planned memory of a compiled step: arguments, outputs, temporaries (GiB)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return "memory analysis unavailable"
+  gib = lambda n: f"{n / 2**30:.2f}"
+  return (
+    f"arguments {gib(m.argument_size_in_bytes)} GiB (donated: {gib(m.alias_size_in_bytes)}), "
+    f"outputs {gib(m.output_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)} GiB"
+  )
+
+
+def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="auto", seg=None):
+  """(run one step -> seconds, executed FLOPs as XLA counts them on this backend).
+  `seg`: None, or (mask_stride, train_only_mask_head) for the segmentation model."""
   mesh = sharding.create_mesh()
-  data = jax.device_put(_batch(batch, size), sharding.data_sharding(mesh))
-  step, state = build_step(benchmark_config(dtype, matcher, remat, conv), size, mesh=mesh)
+  data = _batch(batch, size, mask_stride=seg[0] if seg else 0)
+  data = jax.device_put(data, sharding.data_sharding(mesh))
+  config = benchmark_config(
+    dtype, matcher, remat, conv, "auto", seg is not None, bool(seg and seg[1])
+  )
+  step, state = build_step(config, size, mesh=mesh)
   compiled = step.lower(state, data).compile()
+  print(f"detr_jax step memory (XLA plan): {describe_memory(compiled)}")
   executed = compiled.cost_analysis().get("flops", float("nan"))
   holder = [state]
 
@@ -131,30 +181,45 @@ def make_ours(size, batch, dtype="float32", matcher="auto", remat=False, conv="a
   return run, executed
 
 
-def make_torch(size, batch, autocast=False):
-  """Run one step -> seconds, of the transformers PyTorch DETR with the reference loss."""
+def make_torch(size, batch, autocast=False, seg=None):
+  """Run one step -> seconds, of the transformers PyTorch DETR with the reference loss.
+  `seg`: None, or (mask_stride, train_only_mask_head): DetrForSegmentation and its loss."""
   import torch
-  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+  from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation, ResNetConfig
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  stages = ["stage1", "stage2", "stage3", "stage4"] if seg else ["stage4"]
   cfg = DetrConfig(
     use_timm_backbone=False,
     use_pretrained_backbone=False,
-    backbone_config=ResNetConfig(out_features=["stage4"]),
+    backbone_config=ResNetConfig(out_features=stages),
     num_labels=91,
     auxiliary_loss=True,
     attention_dropout=0.1,
     activation_dropout=0.1,
   )
-  model = DetrForObjectDetection(cfg).to(device).train()
-  for name, p in model.model.backbone.named_parameters():  # stages 1..3 = layer2..layer4
+  if seg:
+    model = DetrForSegmentation(cfg).to(device).train()
+    backbone = model.detr.model.backbone
+  else:
+    model = DetrForObjectDetection(cfg).to(device).train()
+    backbone = model.model.backbone
+  for name, p in backbone.named_parameters():  # stages 1..3 = layer2..layer4
     p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+  expected = REFERENCE_TRAINABLE
+  if seg:
+    head = [p for n, p in model.named_parameters() if not n.startswith("detr.")]
+    expected += sum(p.numel() for p in head)
+    if seg[1]:  # stage 2: the head alone
+      for p in model.detr.parameters():
+        p.requires_grad_(False)
+      expected = sum(p.numel() for p in head)
   params = [p for p in model.parameters() if p.requires_grad]
   num_trainable = sum(p.numel() for p in params)
-  if num_trainable != REFERENCE_TRAINABLE:
-    raise RuntimeError(f"torch DETR trains {num_trainable} parameters, not {REFERENCE_TRAINABLE}")
+  if num_trainable != expected:
+    raise RuntimeError(f"torch DETR trains {num_trainable} parameters, not {expected}")
   opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-  data = _batch(batch, size)
+  data = _batch(batch, size, mask_stride=seg[0] if seg else 0)
   images = torch.from_numpy(data["image"].transpose(0, 3, 1, 2).copy()).to(device)
   targets = [
     {
@@ -163,6 +228,9 @@ def make_torch(size, batch, autocast=False):
     }
     for lab, b, v in zip(data["labels"], data["boxes"], data["valid"])
   ]
+  if seg:
+    for target, m, v in zip(targets, data["masks"], data["valid"]):
+      target["masks"] = torch.from_numpy(m[v]).float().to(device)
 
   def run():
     # With labels, transformers computes the reference loss itself: scipy Hungarian matching
@@ -197,25 +265,35 @@ def main():
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
   parser.add_argument("--no-ours", action="store_true", help="time only the PyTorch reference")
   parser.add_argument("--autocast", action="store_true", help="torch bfloat16 autocast too")
+  parser.add_argument("--masks", action="store_true", help="the segmentation model and loss")
+  parser.add_argument(
+    "--mask_stride", type=int, default=4, help="with --masks: target masks at size / stride"
+  )
+  parser.add_argument(
+    "--train_only_mask_head", action="store_true", help="with --masks: the box model frozen"
+  )
   args = parser.parse_args()
+  if args.train_only_mask_head and not args.masks:
+    parser.error("--train_only_mask_head needs --masks")
+  seg = (args.mask_stride, args.train_only_mask_head) if args.masks else None
   kept = runtime.start(tensorflow=False)
   print(machine_info.describe())
   print(f"host_memory.keep_freed_memory: {'applied' if kept else 'off'}")
-  flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat)
+  flops = model_flops(args.size, args.batch, args.dtype, args.matcher, args.remat, seg)
   runners, executed = {}, None
   if not args.no_ours:
     ours, executed = make_ours(
-      args.size, args.batch, args.dtype, args.matcher, args.remat, args.conv
+      args.size, args.batch, args.dtype, args.matcher, args.remat, args.conv, seg
     )
     runners[f"detr_jax ({args.dtype}, conv={args.conv})"] = ours
   if args.torch:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    runners["torch (transformers), float32"] = make_torch(args.size, args.batch)
+    runners["torch (transformers), float32"] = make_torch(args.size, args.batch, seg=seg)
     if args.autocast:
       runners["torch (transformers), bf16 autocast"] = make_torch(
-        args.size, args.batch, autocast=True
+        args.size, args.batch, autocast=True, seg=seg
       )
   for _ in range(args.warmup):
     for run in runners.values():
@@ -234,8 +312,11 @@ def main():
   # XLA:GPU's count misses cuDNN convolutions; the executed count means something on CPU only.
   show_executed = executed is not None and jax.default_backend() == "cpu"
   executed_note = f", executed {executed / 1e9:.1f} G" if show_executed else ""
+  what = "DETR-R50"
+  if seg:
+    what += f" + mask head (masks at 1/{seg[0]}{', box model frozen' if seg[1] else ''})"
   print(
-    f"\nDETR-R50 train step, {args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds; "
+    f"\n{what} train step, {args.size}x{args.size}, batch {args.batch}, {args.rounds} rounds; "
     f"model FLOPs/step {flops / 1e9:.1f} G{executed_note}; "
     f"{args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s (median; range {min(peaks) / 1e9:.0f}-"
     f"{max(peaks) / 1e9:.0f})"

@@ -38,6 +38,12 @@ def get_model_config():
       # Backbone convolutions: auto (matmul on CPU, xla elsewhere) | xla | matmul; see
       # detr_jax/conv.py. Same function, different speed.
       conv="auto",
+      # Segmentation: the reference's DETRsegm head (bbox_attention + mask_head) on top of the
+      # box model; model.apply also returns pred_masks [B, Q, H/4, W/4] (mask logits).
+      masks=False,
+      # Stage 2 of the reference's segmentation recipe: the box model is frozen (no gradient,
+      # no update); only the mask head trains. Needs masks=True.
+      train_only_mask_head=False,
     )
   )
 
@@ -50,6 +56,10 @@ def get_loss_config():
       bbox_weight=5.0,
       giou_weight=2.0,
       eos_coef=0.1,
+      # model.masks only (last decoder layer, matched queries): sigmoid focal loss (alpha
+      # 0.25, gamma 2) and DICE loss weights; the reference's mask_loss_coef, dice_loss_coef.
+      mask_weight=1.0,
+      dice_weight=1.0,
       aux_loss=True,
       cost_class=1.0,
       cost_bbox=5.0,

@@ -4,7 +4,8 @@ Layout follows torchvision so that reference weights map one to one: a 7x7/2 ste
 symmetric padding 3, a 3x3/2 max-pool with padding 1, four stages (`layer1`..`layer4`) of
 basic or bottleneck blocks whose stride sits in the 3x3 conv (v1.5). Every BatchNorm is frozen
 (statistics and affine parameters live in the `batch_stats` collection and never train).
-Only layer4's output is returned: stride 32, or stride 16 with the DC5 dilation.
+By default only layer4's output is returned: stride 32, or stride 16 with the DC5 dilation;
+`return_stages=True` returns every stage's output (the segmentation head's FPN inputs).
 
 Parameter names: `conv1`, `layer{i}_{j}/{conv1,conv2,conv3,downsample_conv}`; frozen BatchNorm
 variables `bn1`, `layer{i}_{j}/{bn1,bn2,bn3,downsample_bn}` with `scale, bias, mean, var`.
@@ -37,6 +38,13 @@ def output_channels(backbone):
   """Channels of layer4's output for a backbone name."""
   kind, _ = RESNET_SPECS[backbone]
   return 2048 if kind == "bottleneck" else 512
+
+
+def stage_channels(backbone):
+  """Output channels of layer1..layer4 for a backbone name (256, 512, 1024, 2048 for R50)."""
+  kind, _ = RESNET_SPECS[backbone]
+  base = (64, 128, 256, 512)
+  return tuple(c * (4 if kind == "bottleneck" else 1) for c in base)
 
 
 def output_stride(dilation):
@@ -156,7 +164,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet trunk returning layer4 features.
+  """ResNet trunk returning layer4 features (or every stage's with `return_stages`).
 
   Attributes:
     depth: one of RESNET_SPECS ("resnet50", ...).
@@ -167,6 +175,7 @@ class ResNet(nn.Module):
     dtype: compute dtype.
     calibrate_bn: re-estimate every frozen BatchNorm's statistics from the input batch.
     conv: convolution implementation, see `conv.conv2d` ("auto": per backend).
+    return_stages: return a dict of every stage's output instead of layer4's alone.
   """
 
   depth: str
@@ -175,10 +184,15 @@ class ResNet(nn.Module):
   dtype: jnp.dtype
   calibrate_bn: bool
   conv: str
+  return_stages: bool = False
 
   @nn.compact
   def __call__(self, x, train=True):
     """x: [B, H, W, 3] normalized images -> [B, H/32, W/32, C] (H/16 for DC5).
+
+    With `return_stages`: a dict `{"layer1": [B, H/4, W/4, C1], "layer2": [B, H/8, W/8, C2],
+    "layer3": [B, H/16, W/16, C3], "layer4": [B, H/32, W/32, C4]}` (`stage_channels`; with
+    DC5 layer4 is H/16 too). Outputs of frozen stages carry no gradient.
 
     With `train=False` (no gradient will be taken) every stage runs its fastest forward
     (`conv.conv2d(forward_only=True)`); gradients stay correct either way.
@@ -212,6 +226,7 @@ class ResNet(nn.Module):
     x = maybe_stop("stem", x)
     in_features = 64
     dilation = 1
+    stages = {}
     for i, (num_blocks, features) in enumerate(zip(blocks, (64, 128, 256, 512))):
       stride = 1 if i == 0 else 2
       prev_dilation = dilation
@@ -233,4 +248,5 @@ class ResNet(nn.Module):
         )(x)
         in_features = features * block_cls.expansion
       x = maybe_stop(f"layer{i + 1}", x)
-    return x
+      stages[f"layer{i + 1}"] = x
+    return stages if self.return_stages else x

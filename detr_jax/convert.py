@@ -9,7 +9,15 @@ code) and `.safetensors`. Layouts, detected from the key names:
   `facebook/detr-resnet-50` / `-101`, or a `state_dict()` of `DetrForObjectDetection`), with a
   timm / torchvision-named ResNet backbone (the hub's) or the transformers-native ResNet.
 - `torchvision`: a torchvision ImageNet ResNet (backbone only; `fc.*` is dropped).
-Every layout is first renamed to the reference key names (`normalize_state_dict`); the
+Segmentation models (`config.model.masks`) come as the reference's DETRsegm (the released
+panoptic R50 / DC5-R50 / R101: `detr.*` box model, `bbox_attention.{q,k}_linear.*`,
+`mask_head.{lay1..5,gn1..5,adapter1..3,out_lay}.*`) or as `transformers`'
+`DetrForSegmentation` (`detr.model.*`, `detr.class_labels_classifier.*`, ...; the head under
+the reference names in transformers 4 files such as the hub's `facebook/detr-resnet-50-panoptic`,
+as `bbox_attention.{q,k}_proj`, `mask_head.conv1.conv`, `mask_head.fpn_stages.0.fpn_adapter`,
+... in transformers 5). Every layout is first renamed to the reference key names
+(`normalize_state_dict`), where a segmentation model's box part loses its `detr.` prefix (so
+a box-only file and a DETRsegm file differ exactly by the head's keys); the
 `num_batches_tracked` counters of every layout are dropped.
 
 - `load_torch_checkpoint(path)`: the file's weights under reference names, float32 NumPy.
@@ -67,6 +75,28 @@ _HF_TRUNK = r"model\.backbone\.(?:conv_encoder\.)?model\."
 _HF_STAGE = _HF_TRUNK + r"encoder\.stages\.([0-3])\.layers\.(\d+)\."
 
 
+# The segmentation head (DETRsegm's `bbox_attention`, `mask_head`): reference names, which
+# transformers 4 used too, and transformers 5's module names.
+_HEAD = r"(bbox_attention\.[qk]_linear|mask_head\.(?:lay[1-5]|gn[1-5]|adapter[1-3]|out_lay))"
+_HEAD_REFERENCE = [(_HEAD + r"\.(weight|bias)", _SAME)]
+_HEAD_HF5 = [
+  (r"bbox_attention\.([qk])_proj\.(weight|bias)", r"bbox_attention.\1_linear.\2"),
+  (r"mask_head\.conv([12])\.conv\.(weight|bias)", r"mask_head.lay\1.\2"),
+  (r"mask_head\.conv([12])\.norm\.(weight|bias)", r"mask_head.gn\1.\2"),
+  (
+    r"mask_head\.fpn_stages\.([0-2])\.fpn_adapter\.(weight|bias)",
+    lambda m: f"mask_head.adapter{int(m[1]) + 1}.{m[2]}",
+  ),
+  (
+    r"mask_head\.fpn_stages\.([0-2])\.refine\.(conv|norm)\.(weight|bias)",
+    lambda m: f"mask_head.{'lay' if m[2] == 'conv' else 'gn'}{int(m[1]) + 3}.{m[3]}",
+  ),
+  (r"mask_head\.output_conv\.(weight|bias)", r"mask_head.out_lay.\1"),
+]
+_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
+SEGM_PREFIX = "detr."  # DETRsegm's (and DetrForSegmentation's) prefix of the box model
+
+
 def _hf_native_block(m):
   """transformers ResNet `stages.S.layers.J.layer.K.{convolution,normalization}.*`."""
   stage, block, k, kind, leaf = m.groups()
@@ -85,6 +115,7 @@ LAYOUTS = {
     (r"transformer\.(encoder|decoder)\.(layers\.\d+|norm)\.[\w.]+", _SAME),
     (r"input_proj\.(weight|bias)|query_embed\.weight|class_embed\.(weight|bias)", _SAME),
     (r"bbox_embed\.layers\.\d+\.(weight|bias)", _SAME),
+    *_HEAD_REFERENCE,
   ],
   "seed": [
     (r"backbone\.0\.weight", BODY + "conv1.weight"),
@@ -148,6 +179,8 @@ LAYOUTS = {
     (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
     (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
     (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+    *_HEAD_REFERENCE,
+    *_HEAD_HF5,
   ],
   "torchvision": [
     (_TRUNK, BODY + r"\1"),
@@ -199,16 +232,23 @@ def normalize_state_dict(state_dict):
 
   The layout is the first of `LAYOUTS` whose rules fit every key (`num_batches_tracked`
   counters aside, which are dropped; a `module.` prefix on every key, left by PyTorch's
-  DataParallel, is removed). Values are passed through (q/k/v concatenated). Raises a
-  ValueError naming the layouts tried and the first keys that did not fit each.
+  DataParallel, is removed; a segmentation model's `detr.` prefix of the box model is
+  removed, its `bbox_attention.*` and `mask_head.*` keys come out under the reference's
+  names). Values are passed through (q/k/v concatenated). Raises a ValueError naming the
+  layouts tried and the first keys that did not fit each.
   """
   keys = [k for k in state_dict if not k.endswith("num_batches_tracked")]
   strip = len("module.") if keys and all(k.startswith("module.") for k in keys) else 0
+  names = {k: k[strip:] for k in keys}
+  if any(n.startswith(SEGM_PREFIX) for n in names.values()) and all(
+    n.startswith((SEGM_PREFIX, *_HEAD_PREFIXES)) for n in names.values()
+  ):
+    names = {k: n.removeprefix(SEGM_PREFIX) for k, n in names.items()}
   misfits = {}
   for layout, rules in LAYOUTS.items():
     renamed, bad = {}, []
     for key in keys:
-      new = _rename(rules, key[strip:])
+      new = _rename(rules, names[key])
       if new is _NO_FIT or new in renamed:  # a second key for one weight does not fit either
         bad.append(key)
       elif new is not None:
@@ -345,6 +385,12 @@ def reference_key(collection, path):
   if top == "bbox_embed":
     i = path[1].split("_")[1]
     return f"bbox_embed.layers.{i}.{name}", _linear if leaf == "kernel" else _identity
+  if top == "bbox_attention":  # q_linear, k_linear
+    return f"bbox_attention.{path[1]}.{name}", _linear if leaf == "kernel" else _identity
+  if top == "mask_head":  # lay*, adapter*, out_lay (kernel, bias); gn* (scale, bias)
+    if leaf == "scale":
+      name = "weight"
+    return f"mask_head.{path[1]}.{name}", _conv if leaf == "kernel" else _identity
   raise KeyError(f"No reference key for {collection}/{'/'.join(path)}")
 
 
@@ -400,7 +446,22 @@ def torch_to_flax(state_dict, model_config):
       f"The state dict ({layout} layout) holds only a ResNet backbone: initialize the model and "
       "use torchvision_resnet_to_flax (the convert CLI does this by itself)"
     )
-  flat = _import(state_dict, models.abstract_variables(models.build_model(model_config)), layout)
+  abstract = models.abstract_variables(models.build_model(model_config))
+  try:
+    flat = _import(state_dict, abstract, layout)
+  except ValueError as e:
+    has_head = any(k.startswith(_HEAD_PREFIXES) for k in state_dict)
+    if has_head == bool(model_config.masks):
+      raise
+    hint = (
+      "The state dict is a segmentation model (DETRsegm: bbox_attention.* and mask_head.* "
+      "keys) but config.model.masks=False: set config.model.masks=True"
+      if has_head
+      else "The state dict is a box-only DETR (no bbox_attention.* or mask_head.* keys) but "
+      "config.model.masks=True: convert it with masks=False, or start a segmentation run "
+      "from its workdir with config.init_from (the mask head starts random)"
+    )
+    raise ValueError(f"{e}\n{hint}") from None
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -434,15 +495,20 @@ def merge_pretrained(pretrained, initialized, reinit=("class_embed",)):
   """Variables for fine-tuning: `pretrained` everywhere except mis-shaped `reinit` modules.
 
   A module named in `reinit` (the class head) whose shape differs is taken from
-  `initialized`; any other structural or shape difference raises a ValueError listing it.
-  Returns (variables, list of re-initialized paths).
+  `initialized`, and so is the segmentation head (`models.MASK_HEAD_MODULES`) when only
+  `initialized` has one (a segmentation model started from a box model: stage 2 of the
+  reference's recipe); any other structural or shape difference raises a ValueError listing
+  it. Returns (variables, list of re-initialized paths).
   """
   pre = flax.traverse_util.flatten_dict(pretrained)
   ini = flax.traverse_util.flatten_dict(initialized)
   problems, reinitialized, out = [], [], {}
   for path in sorted(set(pre) | set(ini)):
     name = "/".join(path)
-    if path not in pre or path not in ini:
+    if path not in pre and path[1] in models.MASK_HEAD_MODULES:
+      out[path] = ini[path]
+      reinitialized.append(name)
+    elif path not in pre or path not in ini:
       problems.append(f"{name}: only in {'initialized' if path in ini else 'pretrained'}")
     elif np.shape(pre[path]) == np.shape(ini[path]):
       out[path] = pre[path]

@@ -7,12 +7,19 @@ Exactly the reference formulas:
   (index K), weighted mean with weight `eos_coef` for no-object and 1 otherwise;
 - boxes: L1 (summed over coordinates) and 1 - GIoU over matched pairs, each divided by
   `num_boxes` = number of valid targets in the global batch, clamped to >= 1;
-- auxiliary losses: the same for decoder layers 0..L-2, each with its own matching, summed.
+- auxiliary losses: the same for decoder layers 0..L-2, each with its own matching, summed;
+- masks (when the outputs hold `pred_masks`, `config.model.masks`): sigmoid focal loss (alpha
+  0.25, gamma 2; mean over pixels) and DICE loss (+1 smoothing) of each matched (target,
+  query) pair of the last decoder layer, summed and divided by `num_boxes`. Only the matched
+  queries' masks are gathered, into the static target slots ([B, T, ...], never all Q
+  queries); predictions are upsampled bilinearly (align_corners False) to the target masks'
+  size when it differs (`segmentation.resize_bilinear`), compared directly when equal.
 
 Targets are static-shape: `labels [B, T] int32`, `boxes [B, T, 4]` normalized cxcywh,
-`valid [B, T] bool`. All layers are matched in one batched `matcher.assign` call. Inside a
-`jax.jit` over a global batch, sums over the batch are global sums, so `num_boxes` is the
-global count without any explicit collective. (The cross-entropy is one weighted mean over
+`valid [B, T] bool`, and for masks `masks [B, T, Hm, Wm]` uint8 (1 inside the object). All
+layers are matched in one batched `matcher.assign` call. Inside a `jax.jit` over a global
+batch, sums over the batch are global sums, so `num_boxes` is the global count without any
+explicit collective. (The cross-entropy is one weighted mean over
 the global batch; the reference averages per-GPU means, which is the same on one device.)
 """
 
@@ -21,7 +28,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from detr_jax import box_ops, matcher
+from detr_jax import box_ops, matcher, segmentation
+
+FOCAL_ALPHA = 0.25  # the reference's sigmoid_focal_loss defaults
+FOCAL_GAMMA = 2.0
 
 
 def match_cost(pred_logits, pred_boxes, labels, boxes, cost_class, cost_bbox, cost_giou):
@@ -45,6 +55,50 @@ def match_cost(pred_logits, pred_boxes, labels, boxes, cost_class, cost_bbox, co
   return cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
 
 
+def mask_losses(pred_masks, masks, idx, matched, num_boxes):
+  """The reference's focal and DICE mask losses of the matched pairs.
+
+  Args:
+    pred_masks: [B, Q, h, w] mask logits. masks: [B, T, Hm, Wm] targets in {0, 1}.
+    idx: [B, T] int, the query matched to each target slot (any value where not `matched`).
+    matched: [B, T] bool. num_boxes: the normalizer (valid targets, >= 1).
+
+  Returns:
+    (loss_mask, loss_dice) float32 scalars: per matched pair the focal loss averaged over the
+    Hm x Wm pixels and 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1), summed over pairs and
+    divided by `num_boxes`.
+  """
+  src = jnp.take_along_axis(pred_masks, idx[:, :, None, None], axis=1).astype(jnp.float32)
+  src = segmentation.resize_bilinear(src, masks.shape[-2:])  # [B, T, Hm, Wm]
+  tgt = masks.astype(jnp.float32)
+  prob = jax.nn.sigmoid(src)
+  # Binary cross-entropy with logits in torch's stable form.
+  ce = jnp.maximum(src, 0.0) - src * tgt + jnp.log1p(jnp.exp(-jnp.abs(src)))
+  p_t = prob * tgt + (1.0 - prob) * (1.0 - tgt)
+  alpha_t = FOCAL_ALPHA * tgt + (1.0 - FOCAL_ALPHA) * (1.0 - tgt)
+  focal = (alpha_t * ce * (1.0 - p_t) ** FOCAL_GAMMA).mean((-2, -1))  # [B, T]
+  numerator = 2.0 * (prob * tgt).sum((-2, -1))
+  denominator = prob.sum((-2, -1)) + tgt.sum((-2, -1))
+  dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)  # [B, T]
+  loss_mask = jnp.where(matched, focal, 0.0).sum() / num_boxes
+  loss_dice = jnp.where(matched, dice, 0.0).sum() / num_boxes
+  return loss_mask, loss_dice
+
+
+def _check_target_masks(targets):
+  if "masks" not in targets:
+    raise ValueError(
+      "The model predicts masks (config.model.masks=True) but the batch has no `masks` "
+      f"[B, T, Hm, Wm]; batch fields: {sorted(targets)}"
+    )
+  shape, expected = targets["masks"].shape, targets["labels"].shape
+  if len(shape) != 4 or tuple(shape[:2]) != tuple(expected):
+    raise ValueError(
+      f"batch `masks` has shape {tuple(shape)}; expected [B, T, Hm, Wm] with [B, T] = "
+      f"{tuple(expected)} (the shape of `labels`)"
+    )
+
+
 def _stack_layers(outputs, aux_loss):
   """Decoder layer outputs stacked: logits [L, B, Q, K+1], boxes [L, B, Q, 4] (last = final)."""
   layers = (list(outputs["aux_outputs"]) if aux_loss else []) + [outputs]
@@ -62,6 +116,8 @@ def set_loss(
   bbox_weight,
   giou_weight,
   eos_coef,
+  mask_weight,
+  dice_weight,
   aux_loss,
   cost_class,
   cost_bbox,
@@ -73,17 +129,22 @@ def set_loss(
 
   Args:
     outputs: the model's dict (`pred_logits` [B, Q, K+1], `pred_boxes` [B, Q, 4],
-      `aux_outputs` list of such dicts).
-    targets: dict with `labels` [B, T] int32, `boxes` [B, T, 4] cxcywh, `valid` [B, T] bool.
+      `aux_outputs` list of such dicts; with masks `pred_masks` [B, Q, h, w]).
+    targets: dict with `labels` [B, T] int32, `boxes` [B, T, 4] cxcywh, `valid` [B, T] bool;
+      with `pred_masks` also `masks` [B, T, Hm, Wm] (any resolution; see `mask_losses`).
     num_classes: K; index K of the logits is "no object".
+    mask_weight, dice_weight: weights of `loss_mask` and `loss_dice` (used with masks only).
     mesh: when given, matching runs shard-local over the mesh's "data" axis.
 
   Returns:
     (loss scalar, metrics dict): `loss_ce`, `loss_bbox`, `loss_giou` for the last layer,
+    with masks `loss_mask` and `loss_dice` (last layer only, as the reference),
     `loss_ce_{i}` etc. for auxiliary layer i, `class_error` (percent, last layer, matched
     queries) and `cardinality_error` (mean |#non-no-object predictions - #targets|, also
     per auxiliary layer as `cardinality_error_{i}`), as the reference logs them.
   """
+  if "pred_masks" in outputs:
+    _check_target_masks(targets)
   logits, pboxes = _stack_layers(outputs, aux_loss)
   num_layers, _, num_queries, _ = logits.shape
   labels = targets["labels"].astype(jnp.int32)
@@ -126,7 +187,15 @@ def set_loss(
   per_layer = class_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou
   loss = per_layer.sum()
 
-  metrics = {"loss": loss}
+  metrics = {}
+  if "pred_masks" in outputs:
+    loss_mask, loss_dice = mask_losses(
+      outputs["pred_masks"], targets["masks"], safe_idx[-1], matched[-1], num_boxes
+    )
+    loss = loss + mask_weight * loss_mask + dice_weight * loss_dice
+    metrics["loss_mask"], metrics["loss_dice"] = loss_mask, loss_dice
+
+  metrics["loss"] = loss
   for i in range(num_layers):
     suffix = "" if i == num_layers - 1 else f"_{i}"
     metrics["loss_ce" + suffix] = loss_ce[i]
@@ -157,6 +226,8 @@ def make_loss_fn(loss_config, num_classes, mesh=None):
     bbox_weight=c.bbox_weight,
     giou_weight=c.giou_weight,
     eos_coef=c.eos_coef,
+    mask_weight=c.mask_weight,
+    dice_weight=c.dice_weight,
     aux_loss=c.aux_loss,
     cost_class=c.cost_class,
     cost_bbox=c.cost_bbox,

@@ -1,4 +1,5 @@
-"""The DETR model: backbone -> input projection -> transformer -> class and box heads."""
+"""The DETR model: backbone -> input projection -> transformer -> class and box heads, and with
+`config.model.masks` the reference's segmentation head (`detr_jax/segmentation.py`)."""
 
 from collections.abc import Sequence
 
@@ -9,7 +10,11 @@ import jax.numpy as jnp
 
 from detr_jax import backbone as backbone_lib
 from detr_jax import conv as conv_lib
-from detr_jax import position, transformer
+from detr_jax import position, segmentation, transformer
+
+# Top-level parameter modules of the segmentation head (DETRsegm's `bbox_attention.*` and
+# `mask_head.*`); everything else is the box model (DETRsegm's `detr.*`).
+MASK_HEAD_MODULES = ("bbox_attention", "mask_head")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,6 +67,8 @@ class DETR(nn.Module):
   conv: str
   remat: bool
   dtype: jnp.dtype
+  masks: bool
+  train_only_mask_head: bool
   calibrate_bn: bool = False  # see calibrate_batch_norm
 
   @nn.compact
@@ -76,17 +83,22 @@ class DETR(nn.Module):
     Returns:
       dict with `pred_logits` [B, Q, K+1] (last = no object), `pred_boxes` [B, Q, 4]
       (normalized cxcywh), `aux_outputs`: list of such dicts for decoder layers 0..L-2.
-      Logits and boxes are float32 whatever the compute dtype.
+      With `masks`, also `pred_masks` [B, Q, H/4, W/4]: mask logits of the last decoder
+      layer's queries. Logits, boxes and masks are float32 whatever the compute dtype.
+      With `train_only_mask_head` no gradient reaches the box model (it runs forward only).
     """
-    feats = backbone_lib.ResNet(
+    frozen_box_model = self.masks and self.train_only_mask_head
+    stages = backbone_lib.ResNet(
       self.backbone,
       self.dilation,
-      tuple(self.backbone_trainable),
+      () if frozen_box_model else tuple(self.backbone_trainable),
       self.dtype,
       self.calibrate_bn,
       self.conv,
+      return_stages=self.masks,
       name="backbone",
     )(images, train)
+    feats = stages["layer4"] if self.masks else stages
     in_ch = feats.shape[-1]
     init = _torch_linear_init(in_ch)
     x = backbone_lib.Conv(
@@ -103,7 +115,7 @@ class DETR(nn.Module):
     query_embed = self.param(
       "query_embed", nn.initializers.normal(1.0), (self.num_queries, d), jnp.float32
     )
-    hs = transformer.Transformer(
+    out = transformer.Transformer(
       num_heads=self.num_heads,
       num_encoder_layers=self.num_encoder_layers,
       num_decoder_layers=self.num_decoder_layers,
@@ -114,8 +126,12 @@ class DETR(nn.Module):
       conv=self.conv,
       remat=self.remat,
       dtype=self.dtype,
+      return_memory=self.masks,
       name="transformer",
     )(x.reshape(b, h * w, d), pos, query_embed, deterministic=not train)
+    hs, memory = out if self.masks else (out, None)
+    if frozen_box_model:
+      hs, memory, x = jax.lax.stop_gradient((hs, memory, x))
     init = _torch_linear_init(d)
     logits = nn.Dense(
       self.num_classes + 1,
@@ -126,13 +142,23 @@ class DETR(nn.Module):
       name="class_embed",
     )(hs).astype(jnp.float32)
     boxes = BoxHead(self.dtype, name="bbox_embed")(hs)
-    return {
+    if frozen_box_model:
+      logits, boxes = jax.lax.stop_gradient((logits, boxes))
+    outputs = {
       "pred_logits": logits[-1],
       "pred_boxes": boxes[-1],
       "aux_outputs": [
         {"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)
       ],
     }
+    if self.masks:
+      maps = segmentation.MHAttentionMap(self.num_heads, self.dtype, name="bbox_attention")(
+        hs[-1], memory.reshape(b, h, w, d)
+      )
+      outputs["pred_masks"] = segmentation.MaskHead(self.conv, self.dtype, name="mask_head")(
+        x, maps, (stages["layer3"], stages["layer2"], stages["layer1"]), train
+      )
+    return outputs
 
 
 def build_model(model_config):
@@ -146,6 +172,10 @@ def build_model(model_config):
     raise ValueError(f"config.model.hidden_dim={c.hidden_dim} not divisible by num_heads")
   if c.hidden_dim % 4:
     raise ValueError(f"config.model.hidden_dim={c.hidden_dim} must be divisible by 4")
+  if c.masks:
+    segmentation.check_mask_head_sizes(c.hidden_dim, c.num_heads)
+  elif c.train_only_mask_head:
+    raise ValueError("config.model.train_only_mask_head=True needs config.model.masks=True")
   return DETR(
     num_classes=c.num_classes,
     num_queries=c.num_queries,
@@ -163,6 +193,8 @@ def build_model(model_config):
     conv=c.conv,
     remat=c.remat,
     dtype=_DTYPES[c.dtype],
+    masks=c.masks,
+    train_only_mask_head=c.train_only_mask_head,
   )
 
 
@@ -202,12 +234,15 @@ def _backbone_stage(name):
   return "stem" if name == "conv1" else name.split("_")[0]
 
 
-def trainable_mask(params, backbone_trainable):
-  """Pytree of bools like `params`: False for backbone stages not in `backbone_trainable`."""
+def trainable_mask(params, backbone_trainable, train_only_mask_head):
+  """Pytree of bools like `params`: False for backbone stages not in `backbone_trainable`;
+  with `train_only_mask_head`, True only in the segmentation head (`MASK_HEAD_MODULES`)."""
   flat = flax.traverse_util.flatten_dict(params)
   mask = {}
   for path in flat:
-    if path[0] == "backbone":
+    if train_only_mask_head:
+      mask[path] = path[0] in MASK_HEAD_MODULES
+    elif path[0] == "backbone":
       mask[path] = _backbone_stage(path[1]) in backbone_trainable
     else:
       mask[path] = True

@@ -21,9 +21,12 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, lambda s: drop(s + warmup_steps)], [warmup_steps])
 
 
-def param_groups(params, backbone_trainable):
-  """Pytree of labels like `params`: "frozen", "backbone" (trainable backbone) or "transformer"."""
-  mask = flax.traverse_util.flatten_dict(models.trainable_mask(params, backbone_trainable))
+def param_groups(params, backbone_trainable, train_only_mask_head):
+  """Pytree of labels like `params`: "frozen", "backbone" (trainable backbone) or "transformer"
+  (everything else that trains; `models.trainable_mask` says what trains)."""
+  mask = flax.traverse_util.flatten_dict(
+    models.trainable_mask(params, backbone_trainable, train_only_mask_head)
+  )
   labels = {
     path: ("frozen" if not m else "backbone" if path[0] == "backbone" else "transformer")
     for path, m in mask.items()
@@ -58,6 +61,7 @@ def create_optimizer(
   weight_decay,
   grad_clip_norm,
   backbone_trainable,
+  train_only_mask_head,
   steps_per_epoch,
   lr_drop_epochs,
   lr_drop_factor,
@@ -69,7 +73,9 @@ def create_optimizer(
   norm of `grad_clip_norm` computed over the trainable parameters only (torch's
   clip_grad_norm_ sees no gradient for frozen ones); the backbone's learning rate is
   `backbone_lr_mult` times the transformer's; weight decay applies to every trainable
-  parameter. Returns (optax transformation, schedule of the transformer learning rate).
+  parameter. With `train_only_mask_head` everything but the segmentation head is frozen
+  (`models.trainable_mask`). Returns (optax transformation, schedule of the transformer
+  learning rate).
   """
   schedule = learning_rate_schedule(
     learning_rate,
@@ -79,7 +85,7 @@ def create_optimizer(
     warmup_steps=warmup_steps,
   )
   backbone_schedule = lambda step: backbone_lr_mult * schedule(step)
-  labels = param_groups(params, backbone_trainable)
+  labels = param_groups(params, backbone_trainable, train_only_mask_head)
   frozen = _label_mask(labels, "frozen")
   adamw = lambda lr: optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
   tx = optax.chain(
@@ -100,7 +106,8 @@ def create_optimizer(
 def create_optimizer_from_config(params, config, steps_per_epoch):
   """`create_optimizer` with the top-level optimizer fields of an experiment config
   (learning_rate, backbone_lr_mult, weight_decay, grad_clip_norm, lr_drop_epochs,
-  lr_drop_factor, warmup_steps, model.backbone_trainable). Returns (tx, schedule)."""
+  lr_drop_factor, warmup_steps, model.backbone_trainable, model.train_only_mask_head).
+  Returns (tx, schedule)."""
   return create_optimizer(
     params,
     learning_rate=config.learning_rate,
@@ -108,6 +115,7 @@ def create_optimizer_from_config(params, config, steps_per_epoch):
     weight_decay=config.weight_decay,
     grad_clip_norm=config.grad_clip_norm,
     backbone_trainable=tuple(config.model.backbone_trainable),
+    train_only_mask_head=config.model.train_only_mask_head,
     steps_per_epoch=steps_per_epoch,
     lr_drop_epochs=config.lr_drop_epochs,
     lr_drop_factor=config.lr_drop_factor,

@@ -86,7 +86,9 @@ def from_config(config, mesh, steps_per_epoch):
     loss_fn,
     tx,
     schedule,
-    trainable=models.trainable_mask(params, config.model.backbone_trainable),
+    trainable=models.trainable_mask(
+      params, config.model.backbone_trainable, config.model.train_only_mask_head
+    ),
     backbone_lr_mult=config.backbone_lr_mult,
     seed=config.seed,
   )

@@ -254,7 +254,8 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
   """Encoder over image tokens, decoder over object queries.
 
-  Returns the output of every decoder layer after the shared final LayerNorm.
+  Returns the output of every decoder layer after the shared final LayerNorm, and with
+  `return_memory` also the encoder's output (the memory the decoder attends to).
   """
 
   num_heads: int
@@ -267,10 +268,12 @@ class Transformer(nn.Module):
   conv: str
   remat: bool
   dtype: jnp.dtype
+  return_memory: bool = False
 
   @nn.compact
   def __call__(self, src, pos, query_embed, deterministic):
-    """src: [B, N, D] projected features, pos: [N, D], query_embed: [Q, D] -> [L, B, Q, D]."""
+    """src: [B, N, D] projected features, pos: [N, D], query_embed: [Q, D] -> [L, B, Q, D]
+    (with `return_memory`: that and the memory [B, N, D])."""
     kw = dict(
       num_heads=self.num_heads,
       dim_feedforward=self.dim_feedforward,
@@ -298,4 +301,6 @@ class Transformer(nn.Module):
     for i in range(self.num_decoder_layers):
       t = dec_cls(**kw, name=f"decoder_layer{i}")(t, memory, pos, query_pos, deterministic)
       outputs.append(decoder_norm(t))
+    if self.return_memory:
+      return jnp.stack(outputs), memory
     return jnp.stack(outputs)

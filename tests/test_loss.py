@@ -45,7 +45,8 @@ def _random_problem(seed, batch=3, queries=12, layers=6, max_targets=7):
 
 
 def _torch_losses(outputs, targets):
-  """Reference formulas as implemented by transformers (scipy matching per image)."""
+  """Reference formulas as implemented by transformers (scipy matching per image); with
+  `pred_masks` in `outputs` also its mask losses (targets[`masks`] at any resolution)."""
   t = lambda a: torch.from_numpy(np.asarray(a))
   hf_outputs = {
     "logits": t(outputs["pred_logits"]),
@@ -59,13 +60,18 @@ def _torch_losses(outputs, targets):
     {"class_labels": t(lab[v]).long(), "boxes": t(box[v])}
     for lab, box, v in zip(targets["labels"], targets["boxes"], targets["valid"])
   ]
+  losses = ["labels", "boxes", "cardinality"]
+  if "pred_masks" in outputs:
+    hf_outputs["pred_masks"] = t(outputs["pred_masks"])
+    for target, masks, v in zip(hf_targets, targets["masks"], targets["valid"]):
+      target["masks"] = t(masks[v]).float()
+    losses.append("masks")
   matcher = HungarianMatcher(class_cost=1, bbox_cost=5, giou_cost=2)
-  criterion = ImageLoss(
-    matcher, num_classes=K, eos_coef=0.1, losses=["labels", "boxes", "cardinality"]
-  )
+  criterion = ImageLoss(matcher, num_classes=K, eos_coef=0.1, losses=losses)
   losses = {k: float(v) for k, v in criterion(hf_outputs, hf_targets).items()}
   # class_error as the reference logs it: 100 - top-1 accuracy over matched queries.
   indices = matcher({k: v for k, v in hf_outputs.items() if k != "auxiliary_outputs"}, hf_targets)
+  losses["indices"] = [(src.numpy(), tgt.numpy()) for src, tgt in indices]
   correct = total = 0
   for b, (src, tgt) in enumerate(indices):
     pred = hf_outputs["logits"][b, src].argmax(-1)
@@ -86,6 +92,7 @@ def _scipy_loss_fn():
 def test_set_loss_matches_transformers_loss(seed):
   outputs, targets = _random_problem(seed)
   ref = _torch_losses(outputs, targets)
+  del ref["indices"]
   fn = jax.jit(_scipy_loss_fn())
   total, metrics = fn(outputs, targets)
   for name, value in ref.items():
@@ -95,6 +102,90 @@ def test_set_loss_matches_transformers_loss(seed):
     for s in ["", "_0", "_1", "_2", "_3", "_4"]
   )
   np.testing.assert_allclose(float(total), expected_total, rtol=1e-5)
+
+
+def _with_masks(outputs, targets, seed, mask_size, pred_size=(6, 8)):
+  """Adds mask logits [B, Q, h, w] and target masks [B, T, Hm, Wm] (uint8 rectangles, a few
+  empty) to a `_random_problem`."""
+  rng = np.random.default_rng(seed + 100)
+  batch, queries = outputs["pred_logits"].shape[:2]
+  outputs["pred_masks"] = (3 * rng.normal(size=(batch, queries, *pred_size))).astype(np.float32)
+  hm, wm = mask_size
+  masks = np.zeros((batch, targets["labels"].shape[1], hm, wm), np.uint8)
+  for b, t in zip(*np.nonzero(targets["valid"])):
+    if rng.random() < 0.15:
+      continue  # an empty mask (an object cropped away)
+    y0, x0 = rng.integers(0, hm - 1), rng.integers(0, wm - 1)
+    masks[b, t, y0 : rng.integers(y0 + 1, hm + 1), x0 : rng.integers(x0 + 1, wm + 1)] = 1
+  targets["masks"] = masks
+  return outputs, targets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_losses_match_transformers_at_full_size_targets(seed):
+  """Targets at 4x the prediction size (the reference's full-size masks): predictions are
+  upsampled bilinearly; every term within 1e-5 relative of transformers' ImageLoss."""
+  outputs, targets = _with_masks(*_random_problem(seed), seed, mask_size=(24, 32))
+  ref = _torch_losses(outputs, targets)
+  del ref["indices"]
+  total, metrics = jax.jit(_scipy_loss_fn())(outputs, targets)
+  assert ref["loss_mask"] > 0 and ref["loss_dice"] > 0
+  assert "loss_mask_0" not in ref  # masks of the last decoder layer only
+  for name, value in ref.items():
+    np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, atol=1e-7, err_msg=name)
+  expected_total = (
+    ref["loss_mask"]
+    + ref["loss_dice"]
+    + sum(
+      ref[f"loss_ce{s}"] + 5 * ref[f"loss_bbox{s}"] + 2 * ref[f"loss_giou{s}"]
+      for s in ["", "_0", "_1", "_2", "_3", "_4"]
+    )
+  )
+  np.testing.assert_allclose(float(total), expected_total, rtol=1e-5)
+
+
+def test_mask_losses_at_prediction_size_match_numpy_and_touch_only_matched_queries():
+  """Targets at the predictions' size (data.mask_stride 4): compared directly, against the
+  formulas in float64 NumPy on scipy's matching; the mask gradient reaches exactly the
+  matched queries."""
+  outputs, targets = _with_masks(*_random_problem(2), 2, mask_size=(6, 8))
+  indices = _torch_losses(outputs, targets)["indices"]
+  focal = dice = 0.0
+  for b, (queries, slots) in enumerate(indices):
+    for q, j in zip(queries, slots):
+      x = outputs["pred_masks"][b, q].astype(np.float64).ravel()
+      t = targets["masks"][b, np.flatnonzero(targets["valid"][b])[j]].astype(np.float64).ravel()
+      p = 1 / (1 + np.exp(-x))
+      ce = -(t * np.log(p) + (1 - t) * np.log(1 - p))
+      p_t = p * t + (1 - p) * (1 - t)
+      focal += np.mean((0.25 * t + 0.75 * (1 - t)) * ce * (1 - p_t) ** 2)
+      dice += 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+  num_boxes = targets["valid"].sum()
+  fn = _scipy_loss_fn()
+  _, metrics = jax.jit(fn)(outputs, targets)
+  np.testing.assert_allclose(float(metrics["loss_mask"]), focal / num_boxes, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss_dice"]), dice / num_boxes, rtol=1e-5)
+
+  def mask_terms(pred_masks):
+    _, m = fn({**outputs, "pred_masks": pred_masks}, targets)
+    return m["loss_mask"] + m["loss_dice"]
+
+  grad = np.asarray(jax.jit(jax.grad(mask_terms))(outputs["pred_masks"]))
+  touched = np.abs(grad).sum((2, 3)) > 0  # [B, Q]
+  expected = np.zeros_like(touched)
+  for b, (queries, _) in enumerate(indices):
+    expected[b, queries] = True
+  np.testing.assert_array_equal(touched, expected)
+
+
+def test_mask_outputs_need_target_masks():
+  outputs, targets = _with_masks(*_random_problem(0), 0, mask_size=(6, 8))
+  del targets["masks"]
+  with pytest.raises(ValueError, match="no `masks`"):
+    _scipy_loss_fn()(outputs, targets)
+  targets["masks"] = np.zeros((3, 6, 8), np.uint8)
+  with pytest.raises(ValueError, match=r"expected \[B, T, Hm, Wm\]"):
+    _scipy_loss_fn()(outputs, targets)
 
 
 def test_no_targets_anywhere_gives_finite_loss_and_zero_box_terms():

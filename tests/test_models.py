@@ -21,7 +21,7 @@ def _abstract(model_config):
 def test_r50_parameter_counts_equal_reference():
   config = base.get_model_config()
   v = _abstract(config)
-  mask = models.trainable_mask(v["params"], config.backbone_trainable)
+  mask = models.trainable_mask(v["params"], config.backbone_trainable, False)
   assert models.count_params(v["params"]) == 41_524_768
   assert models.count_params(v["params"], mask) == 41_302_368
 

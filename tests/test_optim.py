@@ -64,6 +64,7 @@ def test_adamw_groups_clip_and_lr_drop_match_torch():
     weight_decay=wd,
     grad_clip_norm=0.1,
     backbone_trainable=TRAINABLE,
+    train_only_mask_head=False,
     steps_per_epoch=1,
     lr_drop_epochs=drop_at,
     lr_drop_factor=0.1,

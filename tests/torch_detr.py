@@ -70,9 +70,14 @@ def build_hf_detr(num_labels=91, seed=0, small=False):
     **(SMALL if small else {}),
   )
   model = DetrForObjectDetection(cfg).eval()
-  # Frozen BatchNorm buffers start as identity; make them random (but tame) so that they
-  # are really tested.
-  g = torch.Generator().manual_seed(seed + 1)
+  _randomize_frozen_batch_norms(model, seed + 1)
+  return model
+
+
+def _randomize_frozen_batch_norms(model, seed):
+  """Frozen BatchNorm buffers start as identity; make them random (but tame) so that they
+  are really tested."""
+  g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, buf in model.named_buffers():
       n = buf.numel()
@@ -84,7 +89,94 @@ def build_hf_detr(num_labels=91, seed=0, small=False):
         buf.copy_(0.2 + 0.6 * torch.rand(n, generator=g))
       elif name.endswith("normalization.bias"):
         buf.copy_(0.2 * (torch.rand(n, generator=g) - 0.5))
+
+
+# The segmentation head needs hidden_dim + heads divisible by 8 (its first GroupNorm).
+SEGM_SMALL = dict(SMALL, encoder_attention_heads=8, decoder_attention_heads=8)
+
+
+def build_hf_detr_segmentation(num_labels, seed=0):
+  """A random-init transformers DetrForSegmentation (eval mode, no aux loss): a ResNet-18
+  trunk returning stages 1..4, the SEGM_SMALL sizes. The head's GroupNorm affine parameters
+  and all its biases (which start at 1 / 0) are made random too."""
+  from transformers import DetrConfig, DetrForSegmentation, ResNetConfig
+
+  torch.manual_seed(seed)
+  backbone = ResNetConfig(
+    out_features=["stage1", "stage2", "stage3", "stage4"],
+    layer_type="basic",
+    depths=[2, 2, 2, 2],
+    hidden_sizes=[64, 128, 256, 512],
+  )
+  cfg = DetrConfig(
+    use_timm_backbone=False,
+    use_pretrained_backbone=False,
+    backbone_config=backbone,
+    num_labels=num_labels,
+    auxiliary_loss=False,
+    **SEGM_SMALL,
+  )
+  model = DetrForSegmentation(cfg).eval()
+  _randomize_frozen_batch_norms(model, seed + 1)
+  g = torch.Generator().manual_seed(seed + 2)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.startswith(("mask_head.", "bbox_attention.")) and p.ndim == 1:
+        base = 1.0 if name.endswith("norm.weight") else 0.0
+        p.copy_(base + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
   return model
+
+
+# transformers 5's segmentation-head module names -> the reference DETRsegm's.
+_SEGM_HEAD = {
+  "bbox_attention.q_proj": "bbox_attention.q_linear",
+  "bbox_attention.k_proj": "bbox_attention.k_linear",
+  "mask_head.conv1.conv": "mask_head.lay1",
+  "mask_head.conv1.norm": "mask_head.gn1",
+  "mask_head.conv2.conv": "mask_head.lay2",
+  "mask_head.conv2.norm": "mask_head.gn2",
+  "mask_head.output_conv": "mask_head.out_lay",
+}
+for _i in range(3):
+  _SEGM_HEAD[f"mask_head.fpn_stages.{_i}.fpn_adapter"] = f"mask_head.adapter{_i + 1}"
+  _SEGM_HEAD[f"mask_head.fpn_stages.{_i}.refine.conv"] = f"mask_head.lay{_i + 3}"
+  _SEGM_HEAD[f"mask_head.fpn_stages.{_i}.refine.norm"] = f"mask_head.gn{_i + 3}"
+
+
+def segmentation_head_name(key, legacy):
+  """A DetrForSegmentation head key under the reference's name (`legacy`) or unchanged."""
+  module, leaf = key.rsplit(".", 1)
+  return f"{_SEGM_HEAD[module]}.{leaf}" if legacy else key
+
+
+def reference_segmentation_state_dict(model):
+  """DetrForSegmentation weights under the reference DETRsegm key names (`detr.` + the
+  reference DETR names, `bbox_attention.*`, `mask_head.*`), float32 NumPy."""
+  box, head = {}, {}
+  for k, v in model.state_dict().items():
+    if k.startswith("detr."):
+      box[k[len("detr.") :]] = v
+    else:
+      head[segmentation_head_name(k, legacy=True)] = v.detach().numpy().astype(np.float32)
+  out = {f"detr.{k}": v for k, v in _reference_names(box).items()}
+  out.update(head)
+  return out
+
+
+def hf_segmentation_outputs(model, images_nhwc):
+  """(logits [B, Q, K+1], boxes [B, Q, 4], mask logits [B, Q, H/4, W/4]) NumPy."""
+  x = torch.from_numpy(np.transpose(images_nhwc, (0, 3, 1, 2)).copy())
+  with torch.no_grad():
+    out = model(pixel_values=x)
+  return out.logits.numpy(), out.pred_boxes.numpy(), out.pred_masks.numpy()
+
+
+def small_segmentation_config(num_labels):
+  """Our `config.model` matching `build_hf_detr_segmentation`."""
+  c = small_model_config(num_labels)
+  c.num_heads = SEGM_SMALL["encoder_attention_heads"]
+  c.masks = True
+  return c
 
 
 def _rename(key):
@@ -112,7 +204,11 @@ def _rename(key):
 
 def reference_state_dict(model):
   """HF DETR weights under the reference DETR key names, as float32 NumPy arrays."""
-  sd = {_rename(k): v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+  return _reference_names(model.state_dict())
+
+
+def _reference_names(state_dict):
+  sd = {_rename(k): v.detach().numpy().astype(np.float32) for k, v in state_dict.items()}
   out = {}
   for k, v in sd.items():
     m = re.match(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$", k)
