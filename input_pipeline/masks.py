@@ -12,9 +12,11 @@ Geometry. The pipeline flips and crops masks exactly (array slicing) and resampl
 from the source pixels of the crop window straight to their place in the output, by
 `resample`: each output mask pixel is 1 when at least half of its footprint (its square of
 `mask_stride` x `mask_stride` output pixels, mapped back to source pixels) lies inside the
-object. The fraction inside is computed exactly (integral images, float64), so a mask at
-stride s is the area average of the full-resolution mask over s x s blocks thresholded at 0.5
-whatever the scale between source and output. Masks of a mosaic map each part's source pixels
+object. The fraction inside is computed exactly (the overlap lengths of output and source
+pixels along each axis as sparse matrices, applied to the rows and the columns of each
+object's bounding box: the work is the boxes' area, not the image's), so a mask at stride s is
+the area average of the full-resolution mask over s x s blocks thresholded at 0.5 whatever the
+scale between source and output. Masks of a mosaic map each part's source pixels
 to the final output through the mosaic's crop in one step (the image itself is resampled
 twice there; the masks follow the same geometry as the boxes).
 """
@@ -25,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
-# An output pixel is inside when its covered fraction is >= 1/2; the tolerance absorbs
-# float64 rounding of exact halves.
+# An output pixel is inside when its covered fraction is >= 1/2; the tolerance absorbs float
+# rounding of exact halves.
 _HALF = 0.5 - 1e-6
 
 
@@ -220,36 +222,90 @@ def resample(masks, y_edges, x_edges):
   """Area-averages binary masks over output pixels and thresholds at 1/2.
 
   Args:
-    masks: uint8 `[n, h, w]`, 0 or 1 (h < 32768).
+    masks: uint8 `[n, h, w]`, 0 or 1.
     y_edges: float64 `[Hm + 1]` increasing, the output pixels' row edges in source pixels;
-      x_edges: float64 `[Wm + 1]` the column edges. Parts outside the source count as 0.
+      x_edges: float64 `[Wm + 1]` the column edges (static lengths, as `edges` makes them).
+      Parts outside the source count as 0.
 
   Returns:
     uint8 `[n, Hm, Wm]`: 1 where at least half of the pixel's footprint is inside the mask.
   """
-  h, w = tf.shape(masks)[1], tf.shape(masks)[2]
-  # Rows: cumulative sums (int16 holds up to h ones) read at the fractional row edges.
-  rows = tf.pad(tf.cumsum(tf.cast(masks, tf.int16), axis=1), [[0, 0], [1, 0], [0, 0]])
-  rows = _interpolate(rows, y_edges, h, axis=1)  # [n, Hm + 1, w] float64
-  bands = rows[:, 1:] - rows[:, :-1]  # [n, Hm, w]: mask pixels of each output row band
-  cols = tf.pad(tf.cumsum(bands, axis=2), [[0, 0], [0, 0], [1, 0]])
-  cols = _interpolate(cols, x_edges, w, axis=2)  # [n, Hm, Wm + 1]
-  inside = cols[:, :, 1:] - cols[:, :, :-1]
+  hm, wm = y_edges.shape[0] - 1, x_edges.shape[0] - 1
+  # Each object is resampled within its bounding box only (the work is the box's area, not
+  # the image's), into the output pixels that the box touches.
+  rows = tf.reduce_any(masks > 0, axis=2)  # [n, h]
+  cols = tf.reduce_any(masks > 0, axis=1)  # [n, w]
+  r0, r1 = _extent(rows)
+  c0, c1 = _extent(cols)
+
+  def one(k):
+    i0, i1 = _touched(y_edges, r0[k], r1[k])
+    j0, j1 = _touched(x_edges, c0[k], c1[k])
+    block = _resample_block(
+      masks[k, r0[k] : r1[k], c0[k] : c1[k]],
+      y_edges[i0 : i1 + 1] - tf.cast(r0[k], tf.float64),
+      x_edges[j0 : j1 + 1] - tf.cast(c0[k], tf.float64),
+    )
+    return tf.pad(block, [[i0, hm - i1], [j0, wm - j1]])
+
+  return tf.map_fn(
+    lambda k: tf.ensure_shape(one(k), [hm, wm]),
+    tf.range(tf.shape(masks)[0]),
+    fn_output_signature=tf.TensorSpec([hm, wm], tf.uint8),
+  )
+
+
+def _extent(any_along):
+  """[n, size] bool -> (first, one past the last) index of True per row (0, 0 if none)."""
+  size = tf.shape(any_along)[1]
+  first = tf.argmax(tf.cast(any_along, tf.int32), axis=1, output_type=tf.int32)
+  last = size - tf.argmax(tf.cast(any_along[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+  none = ~tf.reduce_any(any_along, axis=1)
+  return tf.where(none, 0, first), tf.where(none, 0, last)
+
+
+def _touched(edges, start, stop):
+  """The output pixels [i0, i1) whose [edges[i], edges[i + 1]) meet [start, stop)."""
+  num_out = tf.shape(edges)[0] - 1
+  start, stop = tf.cast(start, tf.float64), tf.cast(stop, tf.float64)
+  i0 = tf.searchsorted(edges, start[None], side="right", out_type=tf.int32)[0] - 1
+  i1 = tf.searchsorted(edges, stop[None], side="left", out_type=tf.int32)[0]
+  i0 = tf.clip_by_value(i0, 0, num_out)
+  return i0, tf.clip_by_value(i1, i0, num_out)
+
+
+def _resample_block(mask, y_edges, x_edges):
+  """uint8 `[h, w]` -> uint8 `[len(y_edges) - 1, len(x_edges) - 1]`, see `resample`: the
+  overlap lengths of output and source pixels along each axis as sparse matrices, applied to
+  the rows and then to the columns."""
+  x = tf.sparse.sparse_dense_matmul(
+    _overlaps(y_edges, tf.shape(mask)[0]), tf.cast(mask, tf.float32)
+  )  # [Hm, w]
+  inside = tf.sparse.sparse_dense_matmul(x, _overlaps(x_edges, tf.shape(mask)[1]), adjoint_b=True)
   area = (y_edges[1:] - y_edges[:-1])[:, None] * (x_edges[1:] - x_edges[:-1])[None, :]
-  return tf.cast(inside >= _HALF * area, tf.uint8)
+  return tf.cast(tf.cast(inside, tf.float64) >= _HALF * area, tf.uint8)
 
 
-def _interpolate(cumulative, positions, size, axis):
-  """Linear interpolation of a cumulative sum (`size + 1` entries along `axis`, from 0) at
-  fractional `positions`, clipped to [0, size]: the exact integral of a piecewise constant."""
-  pos = tf.clip_by_value(positions, 0.0, tf.cast(size, tf.float64))
-  lo = tf.minimum(tf.cast(tf.floor(pos), tf.int32), tf.maximum(size - 1, 0))
-  frac = pos - tf.cast(lo, tf.float64)
-  c0 = tf.cast(tf.gather(cumulative, lo, axis=axis), tf.float64)
-  c1 = tf.cast(tf.gather(cumulative, tf.minimum(lo + 1, size), axis=axis), tf.float64)
-  shape = [1, 1, 1]
-  shape[axis] = -1
-  return c0 + tf.reshape(frac, shape) * (c1 - c0)
+def _overlaps(edges, size):
+  """The lengths of the intersections of output intervals [e_i, e_i+1) with source pixels
+  [j, j + 1), j < `size`: a `tf.sparse.SparseTensor` float32 `[len(edges) - 1, size]`.
+
+  Every nonzero is one interval between consecutive points of the merged, sorted edges and
+  pixel boundaries, so there are at most len(edges) + size of them, already in row-major
+  order."""
+  num_out = tf.shape(edges, out_type=tf.int64)[0] - 1
+  clipped = tf.clip_by_value(edges, 0.0, tf.cast(size, tf.float64))
+  points = tf.sort(tf.concat([clipped, tf.range(tf.cast(size, tf.float64) + 1.0)], axis=0))
+  lengths = points[1:] - points[:-1]
+  middle = (points[1:] + points[:-1]) / 2
+  out = tf.searchsorted(clipped, middle, side="right", out_type=tf.int64) - 1
+  src = tf.cast(tf.floor(middle), tf.int64)
+  keep = (lengths > 0) & (out >= 0) & (out < num_out) & (src < tf.cast(size, tf.int64))
+  return tf.sparse.SparseTensor(
+    indices=tf.stack([tf.boolean_mask(out, keep), tf.boolean_mask(src, keep)], axis=1),
+    values=tf.cast(tf.boolean_mask(lengths, keep), tf.float32),
+    dense_shape=tf.stack([num_out, tf.cast(size, tf.int64)]),
+  )
 
 
 def pad(masks, keep, max_boxes, size):
