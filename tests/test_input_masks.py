@@ -218,9 +218,9 @@ def numpy_example(out):
   return {k: v.numpy() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("stride", [1, 4])
-def test_masks_follow_resize_and_flip_exactly(stride):
+def test_masks_follow_resize_and_flip_exactly():
   rng = np.random.default_rng(0)
+  stride = 4  # stride 1: test_masks_of_objects_beyond_max_boxes_are_dropped_with_them
   for hflip in (0.0, 1.0):
     fn = example_fn((64, 80), stride, hflip_prob=hflip, crop_prob=0.0, mosaic_prob=0.0)
     record = shapes_record(rng, rng.choice(12, 4, replace=False), (90, 120))
@@ -249,18 +249,19 @@ def test_masks_follow_crop():
   assert cropped, "some crops must drop objects (and their masks with them)"
 
 
-@pytest.mark.parametrize("crop_prob", [0.0, 1.0])
-def test_masks_follow_mosaic(crop_prob):
+def test_masks_follow_mosaic():
+  """Mosaic then the crop step: each part's masks map through the crop in one resampling
+  (test_resample_maps_a_placed_part_through_a_canvas_window checks that mapping exactly)."""
   rng = np.random.default_rng(2)
-  fn = example_fn((128, 160), 2, mosaic_prob=1.0, mosaic_crop_prob=0.7, crop_prob=crop_prob)
-  for i in range(2):
+  fn = example_fn((128, 160), 2, mosaic_prob=1.0, mosaic_crop_prob=0.7, crop_prob=1.0)
+  for i in range(3):
     colors = rng.permutation(12).reshape(4, 3)
     sizes = [(90, 120), (120, 70), (64, 80), (70, 140)]
     records = [shapes_record(rng, c, s) for c, s in zip(colors, sizes)]
     ex = numpy_example(fn(tf.constant(i, tf.int64), *records))
     # The mosaic image is resampled twice with the crop after it (its edges blur more); the
     # masks once.
-    check_masks(ex, 2, cropped=True, min_iou=0.7 if crop_prob == 0 else 0.6)
+    check_masks(ex, 2, cropped=True, min_iou=0.6)
     assert ex["valid"].sum() > 3
 
 
@@ -360,7 +361,7 @@ def test_synthetic_train_batches_carry_aligned_masks():
     cfg, image_size=(64, 96), global_batch_size=4, seed=0, process_index=0, process_count=1
   )
   nonempty = total = 0
-  for _ in range(2):
+  for _ in range(1):
     batch = next(it)
     assert sorted(batch) == ["boxes", "image", "labels", "masks", "valid"]
     assert batch["masks"].shape == (4, 6, 32, 48)
