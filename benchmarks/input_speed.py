@@ -15,6 +15,9 @@ Each run prints images/s and the CPU milliseconds spent per image (steadier than
 other work shares the machine).
 
   python benchmarks/input_speed.py --mosaic_prob 0.5
+
+`--masks` runs the tf.data chain alone with instance masks as well (`data.masks`, every
+annotation a polygon, masks at 1024 / `--mask_stride`), to compare with the run without.
 """
 
 import argparse
@@ -59,6 +62,9 @@ def write_coco_like_folder(root, num_images, seed=0):
           bbox=[int(x), int(y), int(bw), int(bh)],
           area=int(bw * bh),
           iscrowd=0,
+          segmentation=[
+            [int(x), int(y), int(x + bw), int(y), int(x + bw), int(y + bh), int(x), int(y + bh)]
+          ],
         )
       )
     name = f"{i:06d}.jpg"
@@ -216,7 +222,8 @@ def bench_pil(annotations, images_dir, *, mosaic_prob, workers, batch_size, num_
   return rate, main_cpu + 1000 * child / total  # every task ran once in a worker
 
 
-def bench_tf(annotations, images_dir, *, mosaic_prob, batch_size, num_batches):
+def bench_tf(annotations, images_dir, *, mosaic_prob, batch_size, num_batches, mask_stride=0):
+  """`mask_stride` > 0: with instance masks at SIZE / mask_stride."""
   import input_pipeline  # TensorFlow only here: the PIL baseline's workers fork without it
   from configs import base
 
@@ -226,6 +233,8 @@ def bench_tf(annotations, images_dir, *, mosaic_prob, batch_size, num_batches):
   cfg.train_images = images_dir
   cfg.mosaic_prob = mosaic_prob
   cfg.max_boxes = 100
+  cfg.masks = mask_stride > 0
+  cfg.mask_stride = mask_stride if mask_stride > 0 else cfg.mask_stride
   it = input_pipeline.create_train_iterator(
     cfg,
     image_size=(SIZE, SIZE),
@@ -260,6 +269,8 @@ def main():
   parser.add_argument("--num_batches", type=int, default=12)
   parser.add_argument("--num_images", type=int, default=48)
   parser.add_argument("--only", choices=("tf", "pil"), default=None)
+  parser.add_argument("--masks", action="store_true", help="tf.data with and without masks")
+  parser.add_argument("--mask_stride", type=int, default=4)
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as root:
     annotations, images_dir = write_coco_like_folder(root, args.num_images)
@@ -269,6 +280,14 @@ def main():
       f"{SIZE} x {SIZE}, mosaic_prob {args.mosaic_prob}, batch {args.batch_size}"
     )
     common = dict(mosaic_prob=args.mosaic_prob, batch_size=args.batch_size)
+    if args.masks:
+      for stride in (0, args.mask_stride):
+        rate, cpu = bench_tf(
+          annotations, images_dir, num_batches=args.num_batches, mask_stride=stride, **common
+        )
+        what = f"with masks at stride {stride}" if stride else "without masks"
+        print(f"tf.data input_pipeline {what}: {rate:.1f} images/s, {cpu:.0f} CPU ms/image")
+      return
     pil = {}
     if args.only in (None, "pil"):
       for workers in (int(w) for w in args.workers.split(",")):

@@ -79,7 +79,7 @@ def get_data_config():
   """
   return ml_collections.ConfigDict(
     dict(
-      # synthetic | coco | voc | coco_folder
+      # synthetic | coco | voc | coco_folder | coco_panoptic | coco_panoptic_folder
       name="synthetic",
       # coco, voc: TFDS data_dir holding the prepared datasets ("": TFDS's default,
       # $TFDS_DATA_DIR or ~/tensorflow_datasets). The run checks at start that every dataset
@@ -90,6 +90,9 @@ def get_data_config():
       prepare_missing=False,
       # coco (TFDS coco/2017): True maps the 80 TFDS labels to COCO category ids 1..90, so
       # the model has 91 classes like the reference checkpoints; False: labels 0..79.
+      # coco_panoptic, coco_panoptic_folder: True makes the panoptic category ids (COCO: up to
+      # 200) the labels, with 250 classes as the reference's panoptic model (more if an id is
+      # >= 250); False: labels 0..K-1 in sorted category-id order (COCO: 133).
       coco_category_ids_as_labels=True,
       coco_train_split="train",
       coco_eval_split="validation",
@@ -98,10 +101,14 @@ def get_data_config():
       voc_eval_split="voc/2007:test",
       # coco_folder: COCO-format annotations json + image directory per split. Labels are
       # 0..K-1 in sorted category-id order of the train annotations.
+      # coco_panoptic_folder: the COCO panoptic json (segments_info per image) + image
+      # directory + directory of its segment-id PNGs (*_panoptic_pngs) per split.
       train_annotations="",
       train_images="",
+      train_panoptic_pngs="",
       eval_annotations="",
       eval_images="",
+      eval_panoptic_pngs="",
       # coco_folder: decode every image once at start-up to find corrupt files (skipped and
       # counted). False only checks that each file exists and has a readable header.
       verify_images=True,
@@ -113,6 +120,13 @@ def get_data_config():
       synthetic_max_objects=6,
       synthetic_seed=0,
       max_boxes=100,  # static target padding; extra objects are dropped and counted
+      # Instance masks: batches also carry masks uint8 [b, max_boxes, H / mask_stride,
+      # W / mask_stride] (H, W = config.image_size), slot t the mask of boxes[:, t]. Sources:
+      # synthetic, coco_folder (segmentation polygons/RLE), coco_panoptic(_folder).
+      masks=False,
+      # Output pixels per mask pixel (4: the resolution of the model's pred_masks; 1: full-size
+      # targets as the reference's). A mask pixel is 1 when at least half of its area is.
+      mask_stride=4,
       shuffle_buffer=1024,  # TFDS sources only; folders and synthetic shuffle whole epochs
       # Augmentations (training only), in order: [mosaic] -> flip -> [crop] -> [photometric,
       # per source image] -> resize to config.image_size -> ImageNet normalization.

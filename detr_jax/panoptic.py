@@ -1,8 +1,8 @@
 """COCO panoptic segmentation: the PNG id format, panoptic quality, and DETR's post-processing.
 
-- Format: a panoptic PNG stores one segment id per pixel as RGB, id = R + 256 G + 256^2 B;
-  id 0 is VOID (unlabeled). Each image's `segments_info` lists its segments:
-  {id, category_id, iscrowd (ground truth), area, ...}.
+- Format (`input_pipeline.panoptic_format`, re-exported here): a panoptic PNG stores one
+  segment id per pixel as RGB, id = R + 256 G + 256^2 B; id 0 is VOID (unlabeled). Each image's
+  `segments_info` lists its segments: {id, category_id, iscrowd (ground truth), area, ...}.
 - PQ (Kirillov et al. 2019) with exactly the rules of panopticapi's `pq_compute`: a ground
   truth and a predicted segment of the same category match when IoU > 0.5, where the union
   leaves out the predicted pixels that are VOID in the ground truth; crowd segments are never
@@ -17,44 +17,27 @@ import os
 import numpy as np
 from PIL import Image
 
-OFFSET = 256**3  # gt_id * OFFSET + pred_id encodes a (gt, pred) pixel pair; ids are < 256^3
-VOID = 0
+# The format helpers live in the input pipeline (the lower layer); their names stay public here.
+from input_pipeline import PANOPTIC_OFFSET as OFFSET
+from input_pipeline import PANOPTIC_VOID as VOID
+from input_pipeline import id2rgb, load_panoptic, read_panoptic_png, rgb2id, write_panoptic_png
 
-
-# ---------------------------------------------------------------------------------------------
-# Format
-# ---------------------------------------------------------------------------------------------
-
-
-def rgb2id(rgb):
-  """[..., 3] RGB (uint8 or int) -> [...] int64 ids, id = R + 256 G + 256^2 B."""
-  rgb = np.asarray(rgb, np.int64)
-  return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id2rgb(ids):
-  """[...] ids in [0, 256^3) -> [..., 3] uint8 RGB, the inverse of `rgb2id`."""
-  ids = np.asarray(ids, np.int64)
-  if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
-    raise ValueError(f"segment ids must lie in [0, 256^3), got {ids.min()}..{ids.max()}")
-  return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
-def read_panoptic_png(path):
-  """A panoptic PNG -> [H, W] int64 segment ids."""
-  with Image.open(path) as im:
-    return rgb2id(np.asarray(im.convert("RGB")))
-
-
-def write_panoptic_png(path, ids):
-  """Writes [H, W] segment ids as a panoptic PNG."""
-  Image.fromarray(id2rgb(ids)).save(path, format="PNG")
-
-
-def load_panoptic(folder, annotation):
-  """One COCO panoptic annotation -> (ids [H, W] int64, {segment id: segment_info})."""
-  ids = read_panoptic_png(os.path.join(folder, annotation["file_name"]))
-  return ids, {s["id"]: s for s in annotation["segments_info"]}
+__all__ = [
+  "OFFSET",
+  "VOID",
+  "id2rgb",
+  "load_panoptic",
+  "pq_average",
+  "pq_compute",
+  "pq_from_segments",
+  "pq_image_stats",
+  "postprocess_panoptic",
+  "read_panoptic_png",
+  "resize_bilinear",
+  "resize_nearest",
+  "rgb2id",
+  "write_panoptic_png",
+]
 
 
 # ---------------------------------------------------------------------------------------------

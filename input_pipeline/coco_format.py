@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from input_pipeline import masks as mask_ops
+
 # Formats `tf.io.decode_image` reads; others are converted with PIL to PNG in memory.
 TF_IMAGE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
 # At most this many offending ids are named per kind of problem in a log message.
@@ -43,6 +45,12 @@ class ExampleTable:
     boxes: float32 `[M, 4]` xyxy normalized to [0, 1] by the image size, clipped, positive.
     labels: int32 `[M]`, the model's labels.
     crowd: bool `[M]`, iscrowd (kept for the record, excluded from training targets).
+    rles: object `[M]`, compressed RLE counts bytes of each object's mask (b"": none; crowd
+      objects and tables without masks).
+    panoptic_paths: object `[N]`, the panoptic PNG of each image ('' when `panoptic_bytes`
+      holds it, or there is none).
+    panoptic_bytes: object `[N]`, a panoptic PNG kept in memory (b"" otherwise).
+    segment_ids: int64 `[M]`, each object's segment id in its image's panoptic PNG (0: none).
   """
 
   image_paths: np.ndarray
@@ -53,18 +61,31 @@ class ExampleTable:
   boxes: np.ndarray
   labels: np.ndarray
   crowd: np.ndarray
+  rles: np.ndarray
+  panoptic_paths: np.ndarray
+  panoptic_bytes: np.ndarray
+  segment_ids: np.ndarray
 
   @property
   def num_images(self):
     return len(self.image_ids)
 
 
+def _objects_array(values):
+  """A 1-D object array (NumPy would make a 2-D array of equal-length bytes otherwise)."""
+  out = np.empty(len(values), dtype=object)
+  out[:] = values
+  return out
+
+
 def build_table(rows):
   """An `ExampleTable` from a list of dicts with keys path, data, height, width, image_id,
-  boxes (`[n, 4]` normalized xyxy), labels `[n]`, crowd `[n]`."""
-  image_bytes = np.empty(len(rows), dtype=object)  # 1-D even when all entries are b""
-  image_bytes[:] = [r["data"] for r in rows]
+  boxes (`[n, 4]` normalized xyxy), labels `[n]`, crowd `[n]`, and optionally rles `[n]`,
+  panoptic_path, panoptic_data and segment_ids `[n]` (absent: none)."""
+  image_bytes = _objects_array([r["data"] for r in rows])
   boxes = [np.asarray(r["boxes"], np.float32).reshape(-1, 4) for r in rows]
+  rles = [v for r in rows for v in r.get("rles", [b""] * len(r["labels"]))]
+  segment_ids = [v for r in rows for v in r.get("segment_ids", [0] * len(r["labels"]))]
   return ExampleTable(
     image_paths=np.asarray([r["path"] for r in rows], dtype=object),
     image_bytes=image_bytes,
@@ -74,6 +95,10 @@ def build_table(rows):
     boxes=np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
     labels=np.asarray([v for r in rows for v in r["labels"]], np.int32),
     crowd=np.asarray([v for r in rows for v in r["crowd"]], bool),
+    rles=_objects_array(rles),
+    panoptic_paths=np.asarray([r.get("panoptic_path", "") for r in rows], dtype=object),
+    panoptic_bytes=_objects_array([r.get("panoptic_data", b"") for r in rows]),
+    segment_ids=np.asarray(segment_ids, np.int64),
   )
 
 
@@ -103,14 +128,17 @@ def gt_image(image_id, width, height, file_name=None):
   return entry
 
 
-def gt_annotation(ann_id, image_id, category_id, xyxy, *, area=None, crowd=False):
+def gt_annotation(
+  ann_id, image_id, category_id, xyxy, *, area=None, crowd=False, segmentation=None
+):
   """A COCO `annotations` entry of a box `xyxy` = (x0, y0, x1, y1) in pixels.
 
   `bbox` is [x, y, width, height]; `area` defaults to the box's area (COCO's own is the
-  segmentation's area, smaller than the box's).
+  segmentation's area, smaller than the box's). `segmentation` (polygons or RLE, for
+  pycocotools' `segm` evaluation) is written when given.
   """
   x0, y0, x1, y1 = (float(v) for v in xyxy)
-  return dict(
+  entry = dict(
     id=_plain(ann_id),
     image_id=_plain(image_id),
     category_id=int(category_id),
@@ -118,6 +146,9 @@ def gt_annotation(ann_id, image_id, category_id, xyxy, *, area=None, crowd=False
     area=float(area) if area is not None else (x1 - x0) * (y1 - y0),
     iscrowd=int(bool(crowd)),
   )
+  if segmentation is not None:
+    entry["segmentation"] = segmentation
+  return entry
 
 
 def gt_json(images, annotations, categories):
@@ -187,7 +218,7 @@ def _tf_decodable(paths):
   return {int(i) for i, _ in ds.as_numpy_iterator()}
 
 
-def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_images, split):
+def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_images, masks, split):
   """Loads and validates one COCO-format split.
 
   Args:
@@ -197,6 +228,9 @@ def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_image
       category id are an error.
     verify_images: decode every image once (with TensorFlow, as training will) to find
       corrupt files; otherwise only the header is read.
+    masks: read each annotation's `segmentation` (polygons or RLE) into the table (as
+      compressed RLE) and the returned json; an unusable one skips the annotation, counted in
+      `<split>/invalid_masks` (`masks.segmentation_to_rle` says what is unusable).
     split: name used in counters and messages ('train' or 'eval').
 
   Returns:
@@ -213,7 +247,7 @@ def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_image
   images = _index_images(data["images"], annotations_path)
   files = _check_image_files(images, images_dir, verify_images, findings)
   objects, gt_annotations = _read_annotations(
-    data["annotations"], annotations_path, images, files, known_cats, category_ids, findings
+    data["annotations"], annotations_path, images, files, known_cats, category_ids, findings, masks
   )
   rows, gt_images = [], []
   for iid, img in images.items():
@@ -233,6 +267,7 @@ def load_coco_folder(annotations_path, images_dir, *, category_ids, verify_image
         boxes=[o[0] for o in objs],
         labels=[o[1] for o in objs],
         crowd=[o[2] for o in objs],
+        rles=[o[3] for o in objs],
       )
     )
     gt_images.append(gt_image(iid, w, h, img["file_name"]))
@@ -248,6 +283,7 @@ class _Findings:
   problem, the offending items (logged once at the end)."""
 
   split: str
+  source: str = "coco_folder"  # names the source in the log
   counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   problems: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
 
@@ -262,7 +298,8 @@ class _Findings:
   def log(self, annotations_path):
     for problem, items in self.problems.items():
       logging.warning(
-        "coco_folder %s (%s): %d x %s, skipped: %s%s",
+        "%s %s (%s): %d x %s, skipped: %s%s",
+        self.source,
         self.split,
         annotations_path,
         len(items),
@@ -345,11 +382,12 @@ def _check_image_files(images, images_dir, verify_images, findings):
   return _ImageFiles(paths=paths, sizes=sizes, inline=inline, bad=bad)
 
 
-def _read_annotations(annotations, path, images, files, known_cats, category_ids, findings):
+def _read_annotations(annotations, path, images, files, known_cats, category_ids, findings, masks):
   """Validated, clipped objects of the usable images.
 
   Returns:
-    ({image id: [(xyxy normalized, label, crowd), ...]}, the kept COCO annotation entries).
+    ({image id: [(xyxy normalized, label, crowd, RLE counts or b""), ...]}, the kept COCO
+    annotation entries).
 
   Raises:
     ValueError: duplicate annotation ids, an unknown image id or category id.
@@ -384,11 +422,32 @@ def _read_annotations(annotations, path, images, files, known_cats, category_ids
       continue
     x0, y0, x1, y1 = xyxy
     crowd = bool(ann.get("iscrowd", 0))
-    objects[iid].append(([x0 / w, y0 / h, x1 / w, y1 / h], label_of[cid], crowd))
     area = ann.get("area")
     if not isinstance(area, (int, float)) or not math.isfinite(area) or area <= 0:
-      area = None  # the clipped box's area
-    gt_annotations.append(gt_annotation(aid, iid, cid, (x0, y0, x1, y1), area=area, crowd=crowd))
+      area = None  # the clipped box's area (the mask's with masks)
+    rle, segmentation = b"", None
+    if masks:
+      what = f"annotation {aid} ({file_name})"
+      rle, dropped, why = mask_ops.segmentation_to_rle(ann.get("segmentation"), h, w)
+      if rle is None:
+        findings.skip("invalid_masks", "invalid mask", f"{what}: {why}")
+        continue
+      if dropped:
+        findings.skip(
+          "degenerate_polygons",
+          "degenerate polygon parts (fewer than 3 points)",
+          f"{what}: {dropped}",
+        )
+      segmentation = mask_ops.rle_json(rle, h, w)
+      area = mask_ops.area(rle, h, w) if area is None else area
+    objects[iid].append(
+      ([x0 / w, y0 / h, x1 / w, y1 / h], label_of[cid], crowd, b"" if crowd else rle)
+    )
+    gt_annotations.append(
+      gt_annotation(
+        aid, iid, cid, (x0, y0, x1, y1), area=area, crowd=crowd, segmentation=segmentation
+      )
+    )
   return objects, gt_annotations
 
 

@@ -21,6 +21,7 @@ from input_pipeline import sources
 # hold the same JPEGs as the archives.
 _KNOWN_SIZES = {
   "coco/2017/1.1.0": ("25.20 GiB", "about 25 GiB"),
+  "coco/2017_panoptic/1.1.0": ("19.57 GiB", "19.63 GiB"),
   "voc/2007/5.0.0": ("868.85 MiB", "837.73 MiB"),
   "voc/2012/5.0.0": ("3.59 GiB", "2.44 GiB"),
 }
@@ -45,7 +46,7 @@ class DatasetNotPrepared(RuntimeError):
 def check_prepared(data_config, *, train=True):
   """Raises `DatasetNotPrepared` unless every TFDS dataset and split of `config.data` is
   prepared in `data.data_dir` (TFDS's default when empty). Does nothing for the synthetic
-  and coco_folder sources. Reads only metadata files; never touches the network.
+  and folder sources. Reads only metadata files; never touches the network.
 
   Args:
     data_config: `config.data`.
@@ -93,8 +94,8 @@ def ensure_prepared(data_config, *, is_coordinator, barrier):
 
 
 def _builders(data_config, train=True):
-  """[(TFDS builder, [`TfdsSplit` it must have])] of a coco or voc config, one per dataset
-  (train=False: of the eval split only)."""
+  """[(TFDS builder, [`TfdsSplit` it must have])] of a coco, coco_panoptic or voc config, one
+  per dataset (train=False: of the eval split only)."""
   train_splits, eval_split = sources.tfds_splits(data_config)
   data_dir = sources.tfds_data_dir(data_config)
   by_name = {}

@@ -9,6 +9,11 @@ image side. Later shapes may occlude earlier ones, but a placement is rejected i
 leave an earlier object less than 60% visible, and every box is the tight box of the object's
 visible pixels (the same convention as COCO's boxes of visible extent). Images are stored as
 JPEG (quality 92) bytes in memory.
+
+Each image also has its exact segmentation as a COCO panoptic PNG (`segments_png`): object k
+is segment id k + 1, background is 0 (VOID). An object's mask is its visible part (the pixels
+drawn for it that no later object covers), as COCO's instance masks are, so masks never
+overlap and the box is the mask's tight box.
 """
 
 import colorsys
@@ -40,7 +45,8 @@ def generate(num_images, *, split, seed, num_classes, image_size, max_objects):
 
   Returns:
     A list of dicts: jpeg (bytes), boxes float32 `[n, 4]` xyxy pixels, labels int32 `[n]`,
-    areas float32 `[n]` (visible pixels of each object).
+    areas float32 `[n]` (visible pixels of each object), segments_png (bytes: the panoptic
+    PNG of segment ids, object k = id k + 1, RGB = (id % 256, id // 256 % 256, id // 65536)).
   """
   if not 1 <= num_classes <= len(SHAPES):
     raise ValueError(f"synthetic_num_classes must be in 1..{len(SHAPES)}, got {num_classes}.")
@@ -119,11 +125,16 @@ def _generate_one(index, *, split, seed, num_classes, image_size, max_objects):
   areas = visible
   buf = io.BytesIO()
   Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=92)
+  ids = owner.astype(np.int64) + 1
+  rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+  segments = io.BytesIO()
+  Image.fromarray(rgb).save(segments, format="PNG", compress_level=1)
   return dict(
     jpeg=buf.getvalue(),
     boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
     labels=np.asarray(labels, np.int32),
     areas=np.asarray(areas, np.float32),
+    segments_png=segments.getvalue(),
   )
 
 

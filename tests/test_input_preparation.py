@@ -115,6 +115,16 @@ def test_missing_coco_says_what_where_how_and_how_big(tmp_path, no_network):
   assert not any(tmp_path.iterdir())  # the check wrote nothing
 
 
+def test_missing_coco_panoptic_says_what_and_how_big(tmp_path, no_network):
+  cfg = base.get_data_config()
+  cfg.update(name="coco_panoptic", data_dir=str(tmp_path))
+  text = message(cfg)
+  assert f"coco/2017_panoptic, version 1.1.0, is not prepared in {tmp_path}" in text
+  assert "'train' (data.coco_train_split) and 'validation' (data.coco_eval_split)" in text
+  assert "Size: 19.57 GiB to download, 19.63 GiB prepared." in text
+  assert f"tfds.builder('coco/2017_panoptic:1.1.0', data_dir='{tmp_path}')" in text
+
+
 def test_missing_voc_names_both_years(tmp_path, no_network):
   cfg = voc.get_config().data
   cfg.data_dir = str(tmp_path)
