@@ -562,7 +562,8 @@ def main(argv=None):
   parser.add_argument(
     "checkpoint",
     help="a .pth / .pth.tar / .safetensors file or its URL: reference DETR release, seed "
-    "checkpoint, transformers DETR or torchvision ResNet (layout detected from the keys)",
+    "checkpoint, transformers DETR, torchvision ResNet, original or transformers Conditional "
+    "DETR (layout detected from the keys)",
   )
   parser.add_argument("--config", required=True, help="config file, e.g. configs/coco_500ep.py")
   parser.add_argument("--workdir", required=True, help="where to write the converted checkpoint")
