@@ -262,7 +262,7 @@ def test_train_batch_contract_and_synthetic_info():
 
 
 def test_synthetic_generation_is_deterministic_and_boxes_are_tight():
-  kw = dict(seed=5, num_classes=8, image_size=(96, 128), max_objects=6)
+  kw = dict(seed=5, num_classes=8, image_size=(96, 128), max_objects=6, object_size=(0.15, 0.5))
   a = synthetic.generate(12, split="train", **kw)
   b = synthetic.generate(12, split="train", **kw)
   e = synthetic.generate(12, split="eval", **kw)
