@@ -44,6 +44,19 @@ def get_model_config():
       # Stage 2 of the reference's segmentation recipe: the box model is frozen (no gradient,
       # no update); only the mask head trains. Needs masks=True.
       train_only_mask_head=False,
+      # Decoder: detr (the reference's) | conditional (Conditional DETR's conditional
+      # cross-attention and reference points, detr_jax/conditional.py; post-norm only).
+      decoder="detr",
+      # Class head and its loss, matching cost and post-processing: softmax (K+1 logits, the
+      # last "no object"; cross-entropy with eos_coef; the reference's per-query scores) |
+      # sigmoid (K logits, bias prior 0.01; sigmoid focal loss and cost with
+      # loss.focal_alpha/gamma; the top num_detections of the Q x K scores per image).
+      classifier="softmax",
+      num_detections=100,  # sigmoid classifier: detections kept per image (COCO counts 100)
+      # Group DETR: training runs groups x num_queries queries, groups that do not see each
+      # other in self-attention, each matched one-to-one to the targets, losses averaged over
+      # groups; evaluation and prediction run the first group only (a 1-group model's cost).
+      groups=1,
     )
   )
 
@@ -65,6 +78,10 @@ def get_loss_config():
       cost_bbox=5.0,
       cost_giou=2.0,
       matcher="auto",  # auto | jax | scipy
+      # model.classifier="sigmoid": the sigmoid focal loss's alpha and gamma, also in its
+      # matching cost (eos_coef unused).
+      focal_alpha=0.25,
+      focal_gamma=2.0,
     )
   )
 
@@ -118,6 +135,7 @@ def get_data_config():
       synthetic_num_classes=4,  # 1..8: rectangle, ellipse, triangle, cross, diamond, ...
       synthetic_image_size=(256, 256),  # (H, W) of the generated images
       synthetic_max_objects=6,
+      synthetic_object_size=(0.15, 0.5),  # (min, max) object side / image side
       synthetic_seed=0,
       max_boxes=100,  # static target padding; extra objects are dropped and counted
       # Instance masks: batches also carry masks uint8 [b, max_boxes, H / mask_stride,

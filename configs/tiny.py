@@ -7,12 +7,26 @@ images/s, COCO AP50 0.52-0.54 after 1800 steps (8.5 minutes from the command), 0
 20 minutes; the whole 20-epoch run ends in 22-24 minutes at AP50 0.79-0.86 (two runs). Since
 `host_memory.keep_freed_memory` training runs at 35.5-36 images/s (measured over 200 steps;
 the full run not yet repeated). See docs/benchmarks.md.
+
+Variants, comma-separated (`--config configs/tiny.py:conditional,group`), for the convergence
+benchmark (benchmarks/convergence.py):
+  conditional  Conditional DETR's decoder and its sigmoid focal classification (post-norm,
+               class loss weight and matching cost 2, as configs/coco_conditional_50ep.py);
+  group        Group DETR: 11 query groups in training (one in evaluation);
+  harder       more, smaller objects: up to 10 per image, sides 8-25% of the image side,
+               20 queries.
 """
 
 from configs import base
 
+VARIANTS = ("conditional", "group", "harder")
 
-def get_config():
+
+def get_config(arg=None):
+  variants = [v for v in (arg or "").split(",") if v]
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"Unknown variant(s) {unknown} of tiny.py; choose from {VARIANTS}")
   config = base.get_config()
   config.data.name = "synthetic"
   config.data.mosaic_prob = 0.0
@@ -47,4 +61,14 @@ def get_config():
   config.checkpoint_every_steps = 300
   config.eval_every_steps = 300
   config.log_every_steps = 20
+
+  if "conditional" in variants:
+    m.update(decoder="conditional", classifier="sigmoid", pre_norm=False)
+    config.loss.update(class_weight=2.0, cost_class=2.0)
+  if "group" in variants:
+    m.groups = 11
+  if "harder" in variants:
+    config.data.update(synthetic_max_objects=10, synthetic_object_size=(0.08, 0.25))
+    config.data.max_boxes = 16
+    m.num_queries = 20
   return config

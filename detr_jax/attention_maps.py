@@ -51,21 +51,26 @@ def last_layer_attention(intermediates):
     (decoder [B, Q, N], encoder [B, N, N]) float32, rows summing to 1.
   """
   t = intermediates["transformer"]
-  dec = _last_layer(t, "decoder_layer")["multihead_attn"]["attention_weights"][0]
+  last = _last_layer(t, "decoder_layer")
+  # The DETR decoder's cross-attention is `multihead_attn`, Conditional DETR's `cross_attn`.
+  dec = last["cross_attn" if "cross_attn" in last else "multihead_attn"]["attention_weights"][0]
   enc = _last_layer(t, "encoder_layer")["self_attn"]["attention_weights"][0]
   return dec.astype(jnp.float32), enc.astype(jnp.float32)
 
 
-def select_maps(intermediates, scores, boxes, grid, k):
-  """Attention maps of the `k` highest-scoring queries of each image (jit-friendly).
+def select_maps(intermediates, scores, boxes, queries, grid, k):
+  """Attention maps of the `k` highest-scoring detections of each image (jit-friendly).
 
   Args:
     intermediates: as for `last_layer_attention`.
-    scores: [B, Q] detection scores. boxes: [B, Q, 4] normalized cxcywh (`pred_boxes`).
-    grid: (h, w) of the feature grid, h * w = N. k: number of queries, <= Q.
+    scores: [B, D] detection scores; queries: [B, D] int32, the query of each detection
+      (`postprocess.detections`). boxes: [B, Q, 4] normalized cxcywh (`pred_boxes`).
+    grid: (h, w) of the feature grid, h * w = N. k: number of detections (at most D are
+      taken).
 
   Returns:
-    dict: `queries` [B, k] int32 (by decreasing score); `decoder` [B, k, h, w] each query's
+    dict: `detections` [B, k] int32 (indices into the D detections, by decreasing score);
+    `queries` [B, k] int32 their queries; `decoder` [B, k, h, w] each query's
     cross-attention; `cells` [B, k, 2] int32 (row, col) of the grid cell holding each box's
     center; `encoder` [B, k, h, w] that cell's encoder self-attention.
   """
@@ -74,13 +79,16 @@ def select_maps(intermediates, scores, boxes, grid, k):
   b, n = enc.shape[0], enc.shape[-1]
   if n != h * w:
     raise ValueError(f"attention over {n} cells does not fit the grid {grid}")
-  _, queries = jax.lax.top_k(scores, k)
+  k = min(k, scores.shape[1])
+  _, top = jax.lax.top_k(scores, k)
+  queries = jnp.take_along_axis(queries, top, axis=1)
   dec = jnp.take_along_axis(dec, queries[..., None], axis=1)
   centers = jnp.take_along_axis(boxes[..., :2], queries[..., None], axis=1)  # (cx, cy)
   row = jnp.clip(jnp.floor(centers[..., 1] * h), 0, h - 1).astype(jnp.int32)
   col = jnp.clip(jnp.floor(centers[..., 0] * w), 0, w - 1).astype(jnp.int32)
   enc = jnp.take_along_axis(enc, (row * w + col)[..., None], axis=1)
   return {
+    "detections": top.astype(jnp.int32),
     "queries": queries.astype(jnp.int32),
     "decoder": dec.reshape(b, k, h, w),
     "cells": jnp.stack([row, col], axis=-1),

@@ -9,6 +9,20 @@ code) and `.safetensors`. Layouts, detected from the key names:
   `facebook/detr-resnet-50` / `-101`, or a `state_dict()` of `DetrForObjectDetection`), with a
   timm / torchvision-named ResNet backbone (the hub's) or the transformers-native ResNet.
 - `torchvision`: a torchvision ImageNet ResNet (backbone only; `fc.*` is dropped).
+- `conditional`: the original Conditional DETR release (Atten4Vis/ConditionalDETR,
+  `{'model': ...}`): DETR's names plus the conditional decoder's `sa_*_proj` / `ca_*_proj`
+  projections, `self_attn.out_proj` / `cross_attn.out_proj` and `transformer.decoder.
+  {query_scale,ref_point_head}`. These are the reference names of a Conditional DETR.
+- `transformers_conditional`: the `transformers` Conditional DETR (`model.safetensors` of the
+  model hub's `microsoft/conditional-detr-resnet-50`, saved by transformers 4:
+  `sa_qcontent_proj`, `encoder_attn.out_proj`, `fc1`, timm backbone names; or a
+  `state_dict()` of transformers 5's `ConditionalDetrForObjectDetection`:
+  `self_attn.q_content_proj`, `encoder_attn.q_pos_sine_proj`, `o_proj`, `mlp.fc1`, the
+  transformers-native ResNet).
+A Conditional DETR imports into a
+config with `model.decoder="conditional"` and `model.classifier="sigmoid"` (its class head
+has K outputs); `model.groups` must be 1 unless the file holds G x Q query embeddings.
+
 Segmentation models (`config.model.masks`) come as the reference's DETRsegm (the released
 panoptic R50 / DC5-R50 / R101: `detr.*` box model, `bbox_attention.{q,k}_linear.*`,
 `mask_head.{lay1..5,gn1..5,adapter1..3,out_lay}.*`) or as `transformers`'
@@ -109,6 +123,29 @@ def _hf_native_shortcut(m):
   return f"{BODY}layer{int(stage) + 1}.{block}.downsample.{int(kind == 'normalization')}.{leaf}"
 
 
+_COND_PROJ = {"q_content": "qcontent", "q_pos": "qpos", "k_content": "kcontent", "k_pos": "kpos"}
+_COND_PROJ.update(v="v", q_pos_sine="qpos_sine")
+_COND_ATTN = {"self_attn": ("sa", "self_attn"), "encoder_attn": ("ca", "cross_attn")}
+
+
+def _hf_conditional_proj(m):
+  """transformers 5 `layers.I.{self_attn,encoder_attn}.X_proj` -> the original's names."""
+  layer, attn, proj, leaf = m.groups()
+  prefix, out_name = _COND_ATTN[attn]
+  base = f"transformer.decoder.layers.{layer}."
+  if proj in ("o", "out"):
+    return f"{base}{out_name}.out_proj.{leaf}"
+  if proj not in _COND_PROJ or (prefix == "sa" and proj == "q_pos_sine"):
+    return None
+  return f"{base}{prefix}_{_COND_PROJ[proj]}_proj.{leaf}"
+
+
+# Conditional DETR decoder projections under the original's names.
+_COND_DECODER_PROJ = (
+  r"(?:sa_(?:qcontent|qpos|kcontent|kpos|v)|ca_(?:qcontent|qpos|kcontent|kpos|v|qpos_sine))_proj"
+)
+_COND_MLPS = r"(query_scale|ref_point_head)\.layers\.(\d+)\.(weight|bias)"
+
 LAYOUTS = {
   "reference": [
     (rf"backbone\.0\.body\.{_TRUNK}", _SAME),
@@ -185,6 +222,57 @@ LAYOUTS = {
   "torchvision": [
     (_TRUNK, BODY + r"\1"),
     (r"fc\.(weight|bias)", None),  # the ImageNet classifier is not part of DETR
+  ],
+  "conditional": [
+    (rf"backbone\.0\.body\.{_TRUNK}", _SAME),
+    (r"transformer\.encoder\.layers\.\d+\.[\w.]+", _SAME),
+    (rf"transformer\.decoder\.layers\.\d+\.{_COND_DECODER_PROJ}\.(weight|bias)", _SAME),
+    (r"transformer\.decoder\.layers\.\d+\.(self_attn|cross_attn)\.out_proj\.(weight|bias)", _SAME),
+    (r"transformer\.decoder\.layers\.\d+\.(linear[12]|norm[123])\.(weight|bias)", _SAME),
+    (rf"transformer\.decoder\.(norm\.(weight|bias)|{_COND_MLPS})", _SAME),
+    (r"input_proj\.(weight|bias)|query_embed\.weight|class_embed\.(weight|bias)", _SAME),
+    (r"bbox_embed\.layers\.\d+\.(weight|bias)", _SAME),
+  ],
+  "transformers_conditional": [
+    (_HF_TRUNK + _TRUNK, BODY + r"\1"),
+    (_HF_TRUNK + r"embedder\.embedder\.convolution\.weight", BODY + "conv1.weight"),
+    (_HF_TRUNK + r"embedder\.embedder\.normalization\.(\w+)", BODY + r"bn1.\1"),
+    (_HF_STAGE + r"layer\.([0-2])\.(convolution|normalization)\.(\w+)", _hf_native_block),
+    (_HF_STAGE + r"shortcut\.(convolution|normalization)\.(\w+)", _hf_native_shortcut),
+    (
+      r"model\.encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj|o_proj)\."
+      r"(weight|bias)",
+      lambda m: (
+        f"transformer.encoder.layers.{m[1]}.self_attn."
+        f"{'out_proj' if m[2] == 'o_proj' else m[2]}.{m[3]}"
+      ),
+    ),
+    (
+      rf"model\.decoder\.layers\.(\d+)\.({_COND_DECODER_PROJ})\.(weight|bias)",
+      r"transformer.decoder.layers.\1.\2.\3",
+    ),  # transformers 4 (the hub's file)
+    (
+      r"model\.decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\.(\w+?)_proj\.(weight|bias)",
+      _hf_conditional_proj,
+    ),
+    (
+      r"model\.(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)",
+      r"transformer.\1.layers.\2.linear\3.\4",
+    ),
+    (
+      r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+_layer_norm)\.(weight|bias)",
+      lambda m: (
+        f"transformer.{m[1]}.layers.{m[2]}.{_HF_NORMS[m[1]][m[3]]}.{m[4]}"
+        if m[3] in _HF_NORMS[m[1]]
+        else None
+      ),
+    ),
+    (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+    (rf"model\.decoder\.{_COND_MLPS}", r"transformer.decoder.\1.layers.\2.\3"),
+    (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
+    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+    (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
+    (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
   ],
 }
 _NO_FIT = object()
@@ -337,9 +425,19 @@ def _backbone_key(collection, path):
   return f"{base}.weight", _conv
 
 
+def _linear_key(base, leaf):
+  """(`base.weight` or `base.bias`, transform) of a Dense kernel or bias."""
+  if leaf == "kernel":
+    return f"{base}.weight", _linear
+  return f"{base}.bias", _identity
+
+
 def _transformer_key(path):
   mod = path[0]
   m = re.fullmatch(r"(encoder|decoder)_layer(\d+)", mod)
+  if mod in ("query_scale", "ref_point_head"):  # Conditional DETR's decoder MLPs
+    i = path[1].split("_")[1]
+    return _linear_key(f"transformer.decoder.{mod}.layers.{i}", path[-1])
   if m is None:
     base = {"encoder_norm": "transformer.encoder.norm", "decoder_norm": "transformer.decoder.norm"}[
       mod
@@ -347,7 +445,9 @@ def _transformer_key(path):
     return f"{base}.{'weight' if path[-1] == 'scale' else 'bias'}", _identity
   base = f"transformer.{m.group(1)}.layers.{m.group(2)}"
   sub, leaf = path[1], path[-1]
-  if sub in ("self_attn", "multihead_attn"):
+  if sub.startswith(("sa_", "ca_")):  # Conditional DETR's decoder projections
+    return _linear_key(f"{base}.{sub}", leaf)
+  if sub in ("self_attn", "multihead_attn", "cross_attn"):
     proj = path[2]
     if proj in _QKV:
       name = "in_proj_weight" if leaf == "kernel" else "in_proj_bias"
@@ -528,7 +628,8 @@ def parser():
   p.add_argument(
     "checkpoint",
     help="a .pth / .pth.tar / .safetensors file or its URL: reference DETR release, seed "
-    "checkpoint, transformers DETR or torchvision ResNet (layout detected from the keys)",
+    "checkpoint, transformers DETR, torchvision ResNet, original or transformers Conditional "
+    "DETR (layout detected from the keys)",
   )
   p.add_argument("--config", required=True, help="config file, e.g. configs/coco_500ep.py")
   p.add_argument("--workdir", required=True, help="where to write the converted checkpoint")

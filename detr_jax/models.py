@@ -1,6 +1,7 @@
 """The DETR model: backbone -> input projection -> transformer -> class and box heads, and with
 `config.model.masks` the reference's segmentation head (`detr_jax/segmentation.py`)."""
 
+import math
 from collections.abc import Sequence
 
 import flax
@@ -9,14 +10,18 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax import backbone as backbone_lib
+from detr_jax import conditional, position, segmentation, transformer
 from detr_jax import conv as conv_lib
-from detr_jax import position, segmentation, transformer
 
 # Top-level parameter modules of the segmentation head (DETRsegm's `bbox_attention.*` and
 # `mask_head.*`); everything else is the box model (DETRsegm's `detr.*`).
 MASK_HEAD_MODULES = ("bbox_attention", "mask_head")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DECODERS = ("detr", "conditional")
+CLASSIFIERS = ("softmax", "sigmoid")
+# Sigmoid classifier: the class bias starts at -log((1 - p) / p), p = 0.01 (focal loss prior).
+_PRIOR_PROB = 0.01
 
 
 def _torch_linear_init(fan_in):
@@ -26,15 +31,23 @@ def _torch_linear_init(fan_in):
 
 
 class BoxHead(nn.Module):
-  """The 3-layer box MLP (D -> D -> D -> 4, ReLU between) with sigmoid: [..., D] -> [..., 4]."""
+  """The 3-layer box MLP (D -> D -> D -> 4, ReLU between) with sigmoid: [..., D] -> [..., 4].
+
+  `zero_last`: the last layer starts at zero (Conditional DETR's init; DETR's is PyTorch's
+  default). `reference` (None, or [..., 2] pre-sigmoid (x, y) broadcasting against the
+  output) is added to the predicted centre before the sigmoid (Conditional DETR).
+  """
 
   dtype: jnp.dtype
+  zero_last: bool
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, reference):
     d = x.shape[-1]
     for i, n in enumerate((d, d, 4)):
       init = _torch_linear_init(d)
+      if i == 2 and self.zero_last:
+        init = nn.initializers.zeros
       x = nn.Dense(
         n,
         kernel_init=init,
@@ -45,7 +58,10 @@ class BoxHead(nn.Module):
       )(x)
       if i < 2:
         x = nn.relu(x)
-    return jax.nn.sigmoid(x.astype(jnp.float32))
+    x = x.astype(jnp.float32)
+    if reference is not None:
+      x = jnp.concatenate([x[..., :2] + reference, x[..., 2:]], axis=-1)
+    return jax.nn.sigmoid(x)
 
 
 class DETR(nn.Module):
@@ -69,6 +85,10 @@ class DETR(nn.Module):
   dtype: jnp.dtype
   masks: bool
   train_only_mask_head: bool
+  decoder: str
+  classifier: str
+  num_detections: int
+  groups: int
   calibrate_bn: bool = False  # see calibrate_batch_norm
 
   @nn.compact
@@ -78,14 +98,19 @@ class DETR(nn.Module):
     Args:
       images: [B, H, W, 3] float32, ImageNet-normalized; H and W divisible by the stride.
       train: enables dropout (needs a `dropout` rng) and, on CPU, the backbone convolutions
-        built for gradients (`conv.conv2d`); False runs the fastest forward.
+        built for gradients (`conv.conv2d`); False runs the fastest forward. With `groups`
+        G > 1, training runs G x Q queries (Group DETR: G groups of Q that do not see each
+        other in self-attention) and False runs the first group only.
 
     Returns:
-      dict with `pred_logits` [B, Q, K+1] (last = no object), `pred_boxes` [B, Q, 4]
-      (normalized cxcywh), `aux_outputs`: list of such dicts for decoder layers 0..L-2.
+      dict with `pred_logits` [B, Q', C], `pred_boxes` [B, Q', 4] (normalized cxcywh),
+      `aux_outputs`: list of such dicts for decoder layers 0..L-2; Q' = G x Q when training,
+      Q otherwise (queries group-major: query g * Q + q is query q of group g). C = K+1 for
+      the softmax classifier (last = no object), K for the sigmoid one. Logits and boxes are
+      float32 whatever the compute dtype.
       With `masks`, also `pred_masks` [B, Q, H/4, W/4]: mask logits of the last decoder
-      layer's queries. Logits, boxes and masks are float32 whatever the compute dtype.
-      With `train_only_mask_head` no gradient reaches the box model (it runs forward only).
+      layer's queries (float32). With `train_only_mask_head` no gradient reaches the box
+      model (it runs forward only).
     """
     frozen_box_model = self.masks and self.train_only_mask_head
     stages = backbone_lib.ResNet(
@@ -113,35 +138,54 @@ class DETR(nn.Module):
     b, h, w, d = x.shape
     pos = jnp.asarray(position.sine_position_embedding(h, w, d // 2))
     query_embed = self.param(
-      "query_embed", nn.initializers.normal(1.0), (self.num_queries, d), jnp.float32
+      "query_embed",
+      nn.initializers.normal(1.0),
+      (self.groups * self.num_queries, d),
+      jnp.float32,
     )
-    out = transformer.Transformer(
+    groups = self.groups if train else 1
+    if groups < self.groups:
+      query_embed = query_embed[: self.num_queries]
+    kw = dict(
       num_heads=self.num_heads,
       num_encoder_layers=self.num_encoder_layers,
       num_decoder_layers=self.num_decoder_layers,
       dim_feedforward=self.dim_feedforward,
       dropout=self.dropout,
-      pre_norm=self.pre_norm,
       attention=self.attention,
       conv=self.conv,
       remat=self.remat,
       dtype=self.dtype,
-      return_memory=self.masks,
       name="transformer",
-    )(x.reshape(b, h * w, d), pos, query_embed, deterministic=not train)
-    hs, memory = out if self.masks else (out, None)
+    )
+    src = x.reshape(b, h * w, d)
+    reference = memory = None
+    if self.decoder == "conditional":
+      hs, reference = conditional.ConditionalTransformer(**kw)(
+        src, pos, query_embed, not train, groups
+      )
+      reference = conditional.inverse_sigmoid(reference)  # [Q, 2]
+    else:
+      out = transformer.Transformer(pre_norm=self.pre_norm, return_memory=self.masks, **kw)(
+        src, pos, query_embed, not train, groups
+      )
+      hs, memory = out if self.masks else (out, None)
     if frozen_box_model:
       hs, memory, x = jax.lax.stop_gradient((hs, memory, x))
     init = _torch_linear_init(d)
+    num_logits = self.num_classes + (self.classifier == "softmax")
+    bias_init = init
+    if self.classifier == "sigmoid":
+      bias_init = nn.initializers.constant(-math.log((1 - _PRIOR_PROB) / _PRIOR_PROB))
     logits = nn.Dense(
-      self.num_classes + 1,
+      num_logits,
       kernel_init=init,
-      bias_init=init,
+      bias_init=bias_init,
       dtype=self.dtype,
       param_dtype=jnp.float32,
       name="class_embed",
     )(hs).astype(jnp.float32)
-    boxes = BoxHead(self.dtype, name="bbox_embed")(hs)
+    boxes = BoxHead(self.dtype, self.decoder == "conditional", name="bbox_embed")(hs, reference)
     if frozen_box_model:
       logits, boxes = jax.lax.stop_gradient((logits, boxes))
     outputs = {
@@ -174,8 +218,26 @@ def build_model(model_config):
     raise ValueError(f"config.model.hidden_dim={c.hidden_dim} must be divisible by 4")
   if c.masks:
     segmentation.check_mask_head_sizes(c.hidden_dim, c.num_heads)
+    if c.decoder != "detr" or c.groups != 1:
+      raise ValueError(
+        "config.model.masks=True needs the reference decoder and one query group "
+        f'(config.model.decoder="detr", groups=1), not {c.decoder!r} with {c.groups}'
+      )
   elif c.train_only_mask_head:
     raise ValueError("config.model.train_only_mask_head=True needs config.model.masks=True")
+  if c.decoder not in DECODERS:
+    raise ValueError(f"config.model.decoder={c.decoder!r}; choose from {DECODERS}")
+  if c.classifier not in CLASSIFIERS:
+    raise ValueError(f"config.model.classifier={c.classifier!r}; choose from {CLASSIFIERS}")
+  if c.decoder == "conditional" and c.pre_norm:
+    raise ValueError(
+      'config.model.decoder="conditional" is post-norm only (as the original release); '
+      "set config.model.pre_norm=False"
+    )
+  if c.groups < 1:
+    raise ValueError(f"config.model.groups={c.groups} must be >= 1")
+  if c.num_detections < 1:
+    raise ValueError(f"config.model.num_detections={c.num_detections} must be >= 1")
   return DETR(
     num_classes=c.num_classes,
     num_queries=c.num_queries,
@@ -195,6 +257,10 @@ def build_model(model_config):
     dtype=_DTYPES[c.dtype],
     masks=c.masks,
     train_only_mask_head=c.train_only_mask_head,
+    decoder=c.decoder,
+    classifier=c.classifier,
+    num_detections=c.num_detections,
+    groups=c.groups,
   )
 
 

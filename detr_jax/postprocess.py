@@ -1,8 +1,16 @@
 """Model outputs -> detections in original image coordinates, and COCO results format.
 
-As the reference: softmax, drop the no-object column, score and label = max and argmax of the
-rest, boxes cxcywh -> xyxy scaled by each image's original width and height. No NMS and no
-threshold: every query is a detection (COCO maxDets = 100).
+Softmax classifier (`model.classifier="softmax"`), as the reference DETR: softmax, drop the
+no-object column, score and label = max and argmax of the rest, boxes cxcywh -> xyxy scaled
+by each image's original width and height. No NMS and no threshold: every query is a
+detection (COCO maxDets = 100).
+
+Sigmoid classifier (Conditional DETR's, as its original release): every (query, class) pair
+is a candidate scored sigmoid(logit); the `num_detections` best of the Q x K per image are the
+detections (a query may appear with several classes), each with its query's box.
+
+Both give `scores` [B, N], `labels` [B, N], `boxes` [B, N, 4] and `queries` [B, N] (the query
+each detection comes from); N = Q (softmax) or min(num_detections, Q x K) (sigmoid).
 """
 
 import functools
@@ -23,26 +31,62 @@ def postprocess(pred_logits, pred_boxes, orig_sizes):
 
   Returns:
     dict: `scores` [B, Q] float32, `labels` [B, Q] int32 in 0..K-1, `boxes` [B, Q, 4]
-    xyxy in pixels of the original image.
+    xyxy in pixels of the original image, `queries` [B, Q] int32 (0..Q-1).
   """
   prob = jax.nn.softmax(pred_logits.astype(jnp.float32), axis=-1)[..., :-1]
   scores = prob.max(-1)
   labels = prob.argmax(-1).astype(jnp.int32)
+  boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * _scale(orig_sizes)
+  queries = jnp.broadcast_to(jnp.arange(scores.shape[1], dtype=jnp.int32), scores.shape)
+  return {"scores": scores, "labels": labels, "boxes": boxes, "queries": queries}
+
+
+def _scale(orig_sizes):
+  """[B, 2] (height, width) -> [B, 1, 4] (w, h, w, h) float32."""
   h = orig_sizes[:, 0].astype(jnp.float32)
   w = orig_sizes[:, 1].astype(jnp.float32)
-  scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
-  boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * scale
-  return {"scores": scores, "labels": labels, "boxes": boxes}
+  return jnp.stack([w, h, w, h], axis=-1)[:, None, :]
+
+
+def postprocess_sigmoid(pred_logits, pred_boxes, orig_sizes, num_detections):
+  """The top (query, class) pairs by sigmoid score, with their queries' absolute boxes.
+
+  Args:
+    pred_logits: [B, Q, K] (no no-object column); pred_boxes: [B, Q, 4] normalized cxcywh.
+    orig_sizes: [B, 2] (height, width) of the original images.
+    num_detections: detections per image; N = min(num_detections, Q x K) are kept.
+
+  Returns:
+    dict: `scores` [B, N] float32 (decreasing), `labels` [B, N] int32 in 0..K-1,
+    `boxes` [B, N, 4] xyxy in pixels of the original image, `queries` [B, N] int32.
+  """
+  b, q, k = pred_logits.shape
+  prob = jax.nn.sigmoid(pred_logits.astype(jnp.float32)).reshape(b, q * k)
+  scores, index = jax.lax.top_k(prob, min(num_detections, q * k))
+  queries = (index // k).astype(jnp.int32)
+  labels = (index % k).astype(jnp.int32)
+  boxes = box_ops.cxcywh_to_xyxy(pred_boxes.astype(jnp.float32))
+  boxes = jnp.take_along_axis(boxes, queries[..., None], axis=1) * _scale(orig_sizes)
+  return {"scores": scores, "labels": labels, "boxes": boxes, "queries": queries}
+
+
+def detections(model, outputs, orig_sizes):
+  """Detections of `model`'s outputs: `postprocess` or `postprocess_sigmoid` by its
+  classifier (`model`: the `models.DETR` that produced `outputs`)."""
+  if model.classifier == "sigmoid":
+    return postprocess_sigmoid(
+      outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, model.num_detections
+    )
+  return postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes)
 
 
 def make_predict_fn(model):
   """The jitted inference of evaluation, prediction and the benchmarks: (variables, images
-  [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections."""
+  [B, H, W, 3], orig_sizes [B, 2]) -> `detections`."""
 
   @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
-    out = model.apply(variables, images, train=False)
-    return postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
+    return detections(model, model.apply(variables, images, train=False), orig_sizes)
 
   return predict
 
@@ -51,7 +95,7 @@ def to_coco_results(detections, image_ids, label_to_category_id, mask=None):
   """Detections as COCO results: a list of {image_id, category_id, bbox [x, y, w, h], score}.
 
   Args:
-    detections: `postprocess` output (NumPy or jax arrays), [B, Q, ...].
+    detections: `detections` output (NumPy or jax arrays), [B, N, ...].
     image_ids: [B] ints; label_to_category_id: [K] ints mapping labels to dataset ids.
     mask: optional [B] bool; False rows (batch padding) are skipped.
   """

@@ -134,8 +134,8 @@ def _batches(paths, image_size, batch_size, pool, skipped):
 # Model.
 # ---------------------------------------------------------------------------------------------
 def make_predict_fn(model, grid=None, num_attention=0):
-  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess` detections,
-  plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top queries
+  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess.detections`,
+  plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top detections
   over the feature `grid` (h, w)."""
   if not num_attention:
     return postprocess.make_predict_fn(model)
@@ -143,9 +143,9 @@ def make_predict_fn(model, grid=None, num_attention=0):
   @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
     out, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-    det = postprocess.postprocess(out["pred_logits"], out["pred_boxes"], orig_sizes)
+    det = postprocess.detections(model, out, orig_sizes)
     maps = attention_maps.select_maps(
-      state["intermediates"], det["scores"], out["pred_boxes"], grid, num_attention
+      state["intermediates"], det["scores"], out["pred_boxes"], det["queries"], grid, num_attention
     )
     return {**det, "attention": maps}
 
@@ -171,13 +171,13 @@ def _save_attention(output_dir, name, image, det, b, maps, score_threshold, clas
   """attention/NAME.png and .npz: the attention panel and maps of image `b` of a batch (top
   queries at or above the threshold; at least the best one)."""
   out_dir = os.path.join(output_dir, ATTENTION_DIR)
-  queries = maps["queries"][b]
-  scores = det["scores"][b, queries]
+  top = maps["detections"][b]
+  scores = det["scores"][b, top]
   keep = scores >= score_threshold
   keep[0] = True
-  queries = queries[keep]
-  boxes = det["boxes"][b, queries]
-  labels = det["labels"][b, queries]
+  top, queries = top[keep], maps["queries"][b][keep]
+  boxes = det["boxes"][b, top]
+  labels = det["labels"][b, top]
   h, w = image.shape[:2]
   gh, gw = maps["decoder"].shape[-2:]
   cells = maps["cells"][b][keep]

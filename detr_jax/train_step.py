@@ -80,7 +80,7 @@ def from_config(config, mesh, steps_per_epoch):
   model = models.build_model(config.model)
   params = models.abstract_variables(model)["params"]
   tx, schedule = optim.create_optimizer_from_config(params, config, steps_per_epoch)
-  loss_fn = loss_lib.make_loss_fn(config.loss, config.model.num_classes, mesh=mesh)
+  loss_fn = loss_lib.make_loss_fn(config.loss, model, mesh=mesh)
   step_fn = make_train_step(
     model,
     loss_fn,

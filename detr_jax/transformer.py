@@ -99,6 +99,50 @@ def attention_implementation(requested, dtype, backend=None):
   return "cudnn" if backend == "gpu" and sixteen_bit else "xla"
 
 
+def multi_head_attention(module, q, k, v, dropout, implementation, dtype, deterministic):
+  """Softmax attention of projected heads, called inside `module`'s compact method.
+
+  q [B, Lq, H, dq], k [B, Lk, H, dq], v [B, Lk, H, dv] -> [B, Lq, H, dv]; logits scaled by
+  dq ** -0.5. The head-averaged probabilities are sown into `module`'s `intermediates` as
+  `attention_weights` [B, Lq, Lk]; `dropout` drops probabilities when not `deterministic`.
+  `implementation` as `attention_implementation`; cuDNN needs dq == dv (else the einsum path).
+  """
+  implementation = attention_implementation(implementation, dtype)
+  cudnn_ok = q.shape[-1] == v.shape[-1] and (deterministic or dropout == 0.0)
+  if implementation == "cudnn" and cudnn_ok:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  module.sow("intermediates", "attention_weights", probs.mean(axis=1))
+  if not deterministic and dropout > 0:
+    probs = Dropout(dropout)(probs, deterministic=False)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v)
+
+
+def split_groups(x, groups):
+  """[B, G * Q, ...] -> [B * G, Q, ...]: each group of queries becomes its own batch row."""
+  return x.reshape(x.shape[0] * groups, x.shape[1] // groups, *x.shape[2:])
+
+
+def merge_groups(x, groups):
+  """Inverse of `split_groups`: [B * G, Q, ...] -> [B, G * Q, ...]."""
+  return x.reshape(x.shape[0] // groups, x.shape[1] * groups, *x.shape[2:])
+
+
+def grouped_self_attention(attn, groups):
+  """`attn(q, k, v, deterministic)` over [B, G * Q, ...] inputs with each of the G query groups
+  attending only to itself (Group DETR); `attn` itself when G == 1."""
+  if groups == 1:
+    return attn
+
+  def grouped(q, k, v, deterministic):
+    q, k, v = (split_groups(x, groups) for x in (q, k, v))
+    return merge_groups(attn(q, k, v, deterministic), groups)
+
+  return grouped
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate q/k/v inputs, like torch's nn.MultiheadAttention.
 
@@ -141,17 +185,9 @@ class Attention(nn.Module):
     q = proj(query, "q_proj", _xavier_packed_qkv)
     k = proj(key, "k_proj", _xavier_packed_qkv)
     v = proj(value, "v_proj", _xavier_packed_qkv)
-    implementation = attention_implementation(self.implementation, self.dtype)
-    if implementation == "cudnn" and (deterministic or self.dropout == 0.0):
-      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    else:
-      q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(logits, axis=-1)
-      self.sow("intermediates", "attention_weights", probs.mean(axis=1))
-      if not deterministic and self.dropout > 0:
-        probs = Dropout(self.dropout)(probs, deterministic=False)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    out = multi_head_attention(
+      self, q, k, v, self.dropout, self.implementation, self.dtype, deterministic
+    )
     out = out.reshape(*out.shape[:-2], d)
     return nn.Dense(
       d,
@@ -230,12 +266,17 @@ class DecoderLayer(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, t, memory, pos, query_pos, deterministic):
-    """t: [B, Q, D], memory: [B, N, D], pos: [N, D], query_pos: [Q, D] -> [B, Q, D]."""
+  def __call__(self, t, memory, pos, query_pos, deterministic, groups):
+    """t: [B, Q, D], memory: [B, N, D], pos: [N, D], query_pos: [Q, D] -> [B, Q, D].
+
+    groups: G > 1 splits the Q queries into G consecutive groups of Q / G that do not see
+    each other in self-attention (Group DETR); 1 is DETR's self-attention over all queries.
+    """
     mk_attn = lambda name: Attention(
       self.num_heads, self.dropout, self.attention, self.conv, self.dtype, name=name
     )
-    self_attn, cross_attn = mk_attn("self_attn"), mk_attn("multihead_attn")
+    self_attn = grouped_self_attention(mk_attn("self_attn"), groups)
+    cross_attn = mk_attn("multihead_attn")
     ffn = FeedForward(self.dim_feedforward, self.dropout, self.conv, self.dtype, name="linear")
     drop = lambda y: Dropout(self.dropout)(y, deterministic=deterministic)
     norm1, norm2, norm3 = (_layer_norm(self.dtype, f"norm{i}") for i in (1, 2, 3))
@@ -271,9 +312,12 @@ class Transformer(nn.Module):
   return_memory: bool = False
 
   @nn.compact
-  def __call__(self, src, pos, query_embed, deterministic):
+  def __call__(self, src, pos, query_embed, deterministic, groups):
     """src: [B, N, D] projected features, pos: [N, D], query_embed: [Q, D] -> [L, B, Q, D]
-    (with `return_memory`: that and the memory [B, N, D])."""
+    (with `return_memory`: that and the memory [B, N, D]).
+
+    groups: query groups of the decoder self-attention (`DecoderLayer`); Q divisible by it.
+    """
     kw = dict(
       num_heads=self.num_heads,
       dim_feedforward=self.dim_feedforward,
@@ -286,7 +330,7 @@ class Transformer(nn.Module):
     enc_cls, dec_cls = EncoderLayer, DecoderLayer
     if self.remat:
       enc_cls = nn.remat(EncoderLayer, static_argnums=(3,))
-      dec_cls = nn.remat(DecoderLayer, static_argnums=(5,))
+      dec_cls = nn.remat(DecoderLayer, static_argnums=(5, 6))
     pos = pos.astype(self.dtype)
     query_pos = query_embed.astype(self.dtype)
     x = src.astype(self.dtype)
@@ -299,7 +343,7 @@ class Transformer(nn.Module):
     decoder_norm = _layer_norm(self.dtype, "decoder_norm")
     outputs = []
     for i in range(self.num_decoder_layers):
-      t = dec_cls(**kw, name=f"decoder_layer{i}")(t, memory, pos, query_pos, deterministic)
+      t = dec_cls(**kw, name=f"decoder_layer{i}")(t, memory, pos, query_pos, deterministic, groups)
       outputs.append(decoder_norm(t))
     if self.return_memory:
       return jnp.stack(outputs), memory

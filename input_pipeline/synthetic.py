@@ -4,11 +4,12 @@ Image i of a split is a pure function of (seed, split, i): a muted textured back
 colour gradient, stripes or a checkerboard, plus smooth noise) and 1..max_objects shapes
 drawn on top of each other. Each class is a shape (rectangle, ellipse, triangle, cross,
 diamond, ring, star, hexagon) with its own hue (jittered, with varied saturation and
-brightness), so a small DETR learns it on a CPU in minutes. Object sides are 15-50% of the
-image side. Later shapes may occlude earlier ones, but a placement is rejected if it would
-leave an earlier object less than 60% visible, and every box is the tight box of the object's
-visible pixels (the same convention as COCO's boxes of visible extent). Images are stored as
-JPEG (quality 92) bytes in memory.
+brightness), so a small DETR learns it on a CPU in minutes. Object sides are drawn from
+`object_size` (`data.synthetic_object_size`; 15-50% of the image side by default). Later
+shapes may occlude earlier ones, but a placement is rejected if it would leave an earlier
+object less than 60% visible, and every box is the tight box of the object's visible pixels
+(the same convention as COCO's boxes of visible extent). Images are stored as JPEG
+(quality 92) bytes in memory.
 
 Each image also has its exact segmentation as a COCO panoptic PNG (`segments_png`): object k
 is segment id k + 1, background is 0 (VOID). An object's mask is its visible part (the pixels
@@ -28,10 +29,9 @@ from PIL import Image, ImageDraw
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "diamond", "ring", "star", "hexagon")
 _SPLIT_CODES = {"train": 0, "eval": 1}
 _MIN_VISIBLE = 0.6
-_SIDE_RANGE = (0.15, 0.5)
 
 
-def generate(num_images, *, split, seed, num_classes, image_size, max_objects):
+def generate(num_images, *, split, seed, num_classes, image_size, max_objects, object_size):
   """Generates a split.
 
   Args:
@@ -42,6 +42,8 @@ def generate(num_images, *, split, seed, num_classes, image_size, max_objects):
     image_size: (height, width).
     max_objects: objects per image are uniform in 1..max_objects (fewer when a crowded image
       has no room left).
+    object_size: (min, max) side of an object as a fraction of the image's shorter side,
+      0 < min <= max <= 1.
 
   Returns:
     A list of dicts: jpeg (bytes), boxes float32 `[n, 4]` xyxy pixels, labels int32 `[n]`,
@@ -52,12 +54,18 @@ def generate(num_images, *, split, seed, num_classes, image_size, max_objects):
     raise ValueError(f"synthetic_num_classes must be in 1..{len(SHAPES)}, got {num_classes}.")
   if max_objects < 1:
     raise ValueError(f"synthetic_max_objects must be >= 1, got {max_objects}.")
+  lo, hi = (float(v) for v in object_size)
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(
+      f"synthetic_object_size must be (min, max), 0 < min <= max <= 1, got {object_size}."
+    )
   args = dict(
     split=_SPLIT_CODES[split],
     seed=seed,
     num_classes=num_classes,
     image_size=tuple(image_size),
     max_objects=max_objects,
+    side_range=(lo, hi),
   )
   workers = min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -75,10 +83,11 @@ def generate_split(data_config, split):
     num_classes=d.synthetic_num_classes,
     image_size=tuple(d.synthetic_image_size),
     max_objects=d.synthetic_max_objects,
+    object_size=tuple(d.synthetic_object_size),
   )
 
 
-def _generate_one(index, *, split, seed, num_classes, image_size, max_objects):
+def _generate_one(index, *, split, seed, num_classes, image_size, max_objects, side_range):
   rng = np.random.default_rng([seed, split, index])
   h, w = image_size
   image = _background(rng, h, w)
@@ -88,7 +97,7 @@ def _generate_one(index, *, split, seed, num_classes, image_size, max_objects):
   for _ in range(int(rng.integers(1, max_objects + 1))):
     label = int(rng.integers(num_classes))
     for _attempt in range(12):
-      (y0, x0), mask = _shape_mask(rng, SHAPES[label], h, w)
+      (y0, x0), mask = _shape_mask(rng, SHAPES[label], h, w, side_range)
       region = owner[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
       covered = np.bincount(region[mask & (region >= 0)], minlength=len(labels))
       full = int(mask.sum())
@@ -176,19 +185,19 @@ def _object_color(rng, label, num_classes):
   return _hsv(hue, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
 
 
-def _shape_mask(rng, shape, h, w):
-  """One shape with a random size (15-50% of the side) and position.
+def _shape_mask(rng, shape, h, w, side_range):
+  """One shape with a random size (`side_range` fractions of the side) and position.
 
   Returns:
     ((y, x) of the mask's top-left pixel, bool mask `[mh, mw]` within the image).
   """
   side = min(h, w)
-  bw = rng.uniform(*_SIDE_RANGE) * side
+  bw = rng.uniform(*side_range) * side
   if shape in ("rectangle", "ellipse"):
     bh = bw * rng.uniform(0.6, 1.6)
   else:
     bh = bw * rng.uniform(0.85, 1.15)
-  bh = float(np.clip(bh, _SIDE_RANGE[0] * side, _SIDE_RANGE[1] * side))
+  bh = float(np.clip(bh, side_range[0] * side, side_range[1] * side))
   ox = int(rng.integers(0, max(1, int(w - bw))))
   oy = int(rng.integers(0, max(1, int(h - bh))))
   mw, mh = min(int(math.ceil(bw)) + 1, w - ox), min(int(math.ceil(bh)) + 1, h - oy)

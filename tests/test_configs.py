@@ -8,6 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from detr_jax import config_utils
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -64,3 +66,31 @@ def test_readme_data_dir_override(config_file, tmp_path):
   assert parse(config_file).data.data_dir == ""  # TFDS's default
   assert config.data.prepare_missing is False
   assert parse(config_file, "--config.data.prepare_missing=True").data.prepare_missing is True
+
+
+def test_conditional_detr_recipe_and_its_group_detr_variants():
+  config = parse("configs/coco_conditional_50ep.py")
+  m, loss = config.model, config.loss
+  assert (m.decoder, m.classifier, m.num_queries, m.groups) == ("conditional", "sigmoid", 300, 1)
+  assert (loss.class_weight, loss.bbox_weight, loss.giou_weight) == (2.0, 5.0, 2.0)
+  assert (loss.cost_class, loss.cost_bbox, loss.cost_giou) == (2.0, 5.0, 2.0)
+  assert (config.batch_size, config.num_epochs, config.lr_drop_epochs) == (16, 50, 40)
+  assert config.learning_rate * config.backbone_lr_mult == pytest.approx(1e-5)
+  group = parse("configs/coco_conditional_50ep.py:group")
+  assert group.model.groups == 11 and group.num_epochs == 50
+  short = parse("configs/coco_conditional_50ep.py:group_12ep", "--config.model.groups=3")
+  assert (short.model.groups, short.num_epochs, short.lr_drop_epochs) == (3, 12, 11)
+
+
+def test_tiny_variants_combine():
+  config = parse("configs/tiny.py:conditional,group,harder")
+  assert (config.model.decoder, config.model.groups, config.model.num_queries) == (
+    "conditional",
+    11,
+    20,
+  )
+  assert config.model.pre_norm is False and config.data.synthetic_object_size == (0.08, 0.25)
+  plain = parse("configs/tiny.py")
+  assert (plain.model.decoder, plain.model.groups, plain.model.pre_norm) == ("detr", 1, True)
+  with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['conditinal'\]"):
+    config_utils.load_config_file(os.path.join(REPO, "configs/tiny.py:conditinal"))

@@ -262,7 +262,7 @@ def test_train_batch_contract_and_synthetic_info():
 
 
 def test_synthetic_generation_is_deterministic_and_boxes_are_tight():
-  kw = dict(seed=5, num_classes=8, image_size=(96, 128), max_objects=6)
+  kw = dict(seed=5, num_classes=8, image_size=(96, 128), max_objects=6, object_size=(0.15, 0.5))
   a = synthetic.generate(12, split="train", **kw)
   b = synthetic.generate(12, split="train", **kw)
   e = synthetic.generate(12, split="eval", **kw)
@@ -276,6 +276,15 @@ def test_synthetic_generation_is_deterministic_and_boxes_are_tight():
     assert ((x1 - x0) >= 0.15 * 96 * 0.6 - 1).all(), "objects are 15-50% of the side"
     assert (ex["areas"] <= (x1 - x0) * (y1 - y0)).all()
     assert (ex["areas"] >= 0.3 * (x1 - x0) * (y1 - y0)).all()
+
+
+def test_synthetic_object_size_bounds_the_boxes():
+  kw = dict(seed=1, num_classes=4, image_size=(96, 128), max_objects=10)
+  small = synthetic.generate(8, split="train", object_size=(0.06, 0.12), **kw)
+  sides = np.concatenate([ex["boxes"][:, 2:] - ex["boxes"][:, :2] for ex in small])
+  assert len(sides) > 8 * 3 and sides.max() <= 0.12 * 96 + 2  # tight boxes of drawn shapes
+  with pytest.raises(ValueError, match="synthetic_object_size"):
+    synthetic.generate(1, split="train", object_size=(0.3, 0.2), **kw)
 
 
 def test_same_seed_same_batches_and_resume_at_step_k():

@@ -205,3 +205,68 @@ def test_calibrate_batch_norm_uses_batch_statistics():
   np.testing.assert_allclose(bn1["var"], conv1.var((0, 1, 2)), rtol=1e-4)
   deep = calibrated["batch_stats"]["backbone"]["layer4_1"]["bn2"]
   assert not np.allclose(deep["var"], 1.0) and np.all(np.asarray(deep["var"]) > 0)
+
+
+def _numpy_variables(model, seed=0):
+  """Random variables of `model` drawn with NumPy (a jitted init compiles for a minute on a
+  busy 2-core box): kernels N(0, 1/fan_in), small random biases, unit LayerNorm scales,
+  identity BatchNorm statistics, query embeddings N(0, 1)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name in ("mean", "var", "scale"):
+      return np.full(leaf.shape, float(name != "mean"), np.float32)
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return rng.normal(0, fan_in**-0.5, leaf.shape).astype(np.float32)
+    scale = 1.0 if name == "query_embed" else 0.1
+    return (scale * rng.normal(size=leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, models.abstract_variables(model))
+
+
+def _group_model_config(decoder, groups):
+  config = base.get_model_config()
+  config.update(backbone="resnet18", hidden_dim=32, num_heads=2, dim_feedforward=64)
+  config.update(num_encoder_layers=1, num_decoder_layers=2, num_queries=4, dropout=0.0)
+  config.update(decoder=decoder, groups=groups, conv="xla")
+  if decoder == "conditional":
+    config.classifier = "sigmoid"
+  return config
+
+
+@pytest.mark.parametrize("decoder", ["detr", "conditional"])
+def test_query_groups_do_not_see_each_other_and_eval_runs_the_first_group(decoder):
+  """Group DETR: in training, 3 groups of 4 queries; changing the query embeddings of groups
+  1 and 2 changes nothing in group 0's outputs, and changing group 0's nothing in group 1's.
+  Evaluation runs group 0 alone: 4 queries, the outputs group 0 has in training."""
+  model = models.build_model(_group_model_config(decoder, 3))
+  variables = _numpy_variables(model)
+  images = _images((2, 64, 64, 3), seed=3)
+  embed = np.asarray(variables["params"]["query_embed"])
+  assert embed.shape == (12, 32)
+
+  def outputs(query_embed, variables, images, train):
+    params = {**variables["params"], "query_embed": query_embed}
+    out = model.apply({**variables, "params": params}, images, train=train)
+    return jnp.concatenate([out["pred_logits"], out["pred_boxes"]], axis=-1)
+
+  # Variables and images as arguments: XLA would constant-fold the backbone on constants.
+  jitted = jax.jit(functools.partial(outputs, train=True))
+  train = lambda e: jitted(e, variables, images)
+  base_out = np.asarray(train(embed))
+  assert base_out.shape[:2] == (2, 12)
+  others = embed.copy()
+  others[4:] += np.random.default_rng(1).normal(size=(8, 32)).astype(np.float32)
+  moved = np.asarray(train(others))
+  np.testing.assert_array_equal(moved[:, :4], base_out[:, :4])
+  assert np.abs(moved[:, 4:] - base_out[:, 4:]).max() > 1e-3
+  own = embed.copy()
+  own[:4] += 0.5
+  assert np.abs(np.asarray(train(own))[:, 4:8] - base_out[:, 4:8]).max() == 0
+
+  evaluated = jax.jit(functools.partial(outputs, train=False))(embed, variables, images)
+  evaluated = np.asarray(evaluated)
+  assert evaluated.shape[:2] == (2, 4)
+  np.testing.assert_allclose(evaluated, base_out[:, :4], atol=1e-5)

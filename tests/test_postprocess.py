@@ -38,3 +38,29 @@ def test_unknown_label_is_an_error():
   det = {"scores": np.ones((1, 1)), "labels": np.array([[3]]), "boxes": np.zeros((1, 1, 4))}
   with pytest.raises(ValueError, match="label 3"):
     postprocess.to_coco_results(det, [1], np.array([1, 2]))
+
+
+def test_sigmoid_postprocess_keeps_the_top_query_class_pairs_with_their_query_boxes():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 6, 3)).astype(np.float32)  # Q = 6, K = 3: 18 pairs
+  boxes = rng.uniform(0.2, 0.6, (2, 6, 4)).astype(np.float32)
+  sizes = np.array([[100, 200], [50, 80]], np.int32)
+  det = jax.jit(lambda *a: postprocess.postprocess_sigmoid(*a, 5))(logits, boxes, sizes)
+  prob = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  for b in range(2):
+    order = np.argsort(-prob[b].ravel())[:5]
+    np.testing.assert_allclose(det["scores"][b], prob[b].ravel()[order], rtol=1e-6)
+    np.testing.assert_array_equal(det["queries"][b], order // 3)
+    np.testing.assert_array_equal(det["labels"][b], order % 3)
+    h, w = sizes[b]
+    cx, cy, bw, bh = boxes[b, order // 3].T
+    xyxy = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+    np.testing.assert_allclose(det["boxes"][b], xyxy.T, rtol=1e-5)
+  # Fewer pairs than asked: every pair, once.
+  det = postprocess.postprocess_sigmoid(logits, boxes, sizes, 100)
+  assert det["scores"].shape == (2, 18)
+  assert {(int(q), int(c)) for q, c in zip(det["queries"][0], det["labels"][0])} == {
+    (q, c) for q in range(6) for c in range(3)
+  }
+  results = postprocess.to_coco_results(det, [3, 4], np.array([7, 11, 42]))
+  assert len(results) == 36 and {r["category_id"] for r in results} == {7, 11, 42}

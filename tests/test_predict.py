@@ -228,9 +228,12 @@ def test_select_maps_picks_top_queries_and_center_cells():
   }
   scores = rng.uniform(size=(b, q)).astype(np.float32)
   boxes = rng.uniform(0.05, 0.95, size=(b, q, 4)).astype(np.float32)
-  out = jax.jit(lambda *a: attention_maps.select_maps(*a, GRID, 3))(inter, scores, boxes)
+  queries = np.broadcast_to(np.arange(q, dtype=np.int32), (b, q))
+  select = jax.jit(lambda *a: attention_maps.select_maps(*a, GRID, 3))
+  out = select(inter, scores, boxes, queries)
   for i in range(b):
     top = np.argsort(-scores[i])[:3]
+    np.testing.assert_array_equal(out["detections"][i], top)
     np.testing.assert_array_equal(out["queries"][i], top)
     for j, qi in enumerate(top):
       np.testing.assert_allclose(out["decoder"][i, j], dec[i, qi].reshape(h, w))
