@@ -27,11 +27,13 @@ COCO_METRIC_NAMES = (
 )
 
 
-def coco_metrics(coco_gt, results):
-  """The 12 COCOeval bbox numbers (dict by COCO_METRIC_NAMES) and pycocotools' printed table.
+def coco_metrics(coco_gt, results, iou_type="bbox"):
+  """The 12 COCOeval numbers (dict by COCO_METRIC_NAMES) and pycocotools' printed table.
 
   Args:
-    coco_gt: COCO-format ground-truth dict; results: COCO results list.
+    coco_gt: COCO-format ground-truth dict; results: COCO results list (with `bbox` for
+      iou_type "bbox", `segmentation` RLEs and no `bbox` for "segm").
+    iou_type: "bbox" or "segm" (instance masks; the ground truth needs `segmentation`).
   """
   gt = COCO()
   gt.dataset = coco_gt
@@ -42,7 +44,7 @@ def coco_metrics(coco_gt, results):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     dt = gt.loadRes(results)
-    ev = COCOeval(gt, dt, "bbox")
+    ev = COCOeval(gt, dt, iou_type)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()

@@ -17,6 +17,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from detr_jax import resize
+
 # The format helpers live in the input pipeline (the lower layer); their names stay public here.
 from input_pipeline import PANOPTIC_OFFSET as OFFSET
 from input_pipeline import PANOPTIC_VOID as VOID
@@ -188,6 +190,18 @@ def pq_average(stats, categories):
   return results
 
 
+def pq_table(pq):
+  """`pq_average`'s result as panopticapi prints it: PQ, SQ, RQ (percent) and N for All,
+  Things and Stuff."""
+  lines = [f"{'':10s}| {'PQ':>6s} {'SQ':>6s} {'RQ':>6s} {'N':>5s}", "-" * 39]
+  for part in ("All", "Things", "Stuff"):
+    r = pq[part]
+    lines.append(
+      f"{part:10s}| {100 * r['pq']:6.1f} {100 * r['sq']:6.1f} {100 * r['rq']:6.1f} {r['n']:5d}"
+    )
+  return "\n".join(lines)
+
+
 def pq_from_segments(images, categories):
   """PQ over images given in memory.
 
@@ -256,20 +270,9 @@ def resize_bilinear(x, size):
   """[N, h, w] -> [N, H, W] float32: PyTorch's bilinear `interpolate` (align_corners=False,
   no antialiasing). Source pixels and weights are exactly torch's (CPU, float32); values agree
   to a few float32 ulps (torch fuses the weighted sums' multiply-adds in its own order)."""
-
-  def axis(n_in, n_out):
-    scale = np.float32(n_in) / np.float32(n_out)
-    # torch computes the source index scale * (i + 0.5) - 0.5 with one fused multiply-add:
-    # exact in float64, then rounded once to float32.
-    src = (np.float64(scale) * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
-    src = np.maximum(src, 0)
-    i0 = src.astype(np.int64)  # floor, src >= 0
-    w1 = np.minimum(src - i0.astype(np.float32), 1).astype(np.float32)
-    return i0, np.minimum(i0 + 1, n_in - 1), np.float32(1) - w1, w1
-
   x = np.asarray(x, np.float32)
-  y0, y1, wy0, wy1 = axis(x.shape[1], size[0])
-  x0, x1, wx0, wx1 = axis(x.shape[2], size[1])
+  y0, y1, wy0, wy1 = resize.bilinear_taps(x.shape[1], size[0])
+  x0, x1, wx0, wx1 = resize.bilinear_taps(x.shape[2], size[1])
   out = np.empty((x.shape[0], *size), np.float32)
   for n in range(x.shape[0]):  # one map at a time: 3x faster than all at once (memory traffic)
     rows = x[n][:, x0] * wx0 + x[n][:, x1] * wx1  # [h, W]

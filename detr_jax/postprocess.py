@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import box_ops, runtime
+from detr_jax import box_ops, resize, runtime
 
 
 def postprocess(pred_logits, pred_boxes, orig_sizes):
@@ -82,13 +82,80 @@ def detections(model, outputs, orig_sizes):
 
 def make_predict_fn(model):
   """The jitted inference of evaluation, prediction and the benchmarks: (variables, images
-  [B, H, W, 3], orig_sizes [B, 2]) -> `detections`."""
+  [B, H, W, 3], orig_sizes [B, 2]) -> `detections`.
+
+  A masks model (`model.masks`) also returns `masks` [B, N, h, w] float32, the mask logits of
+  each detection's query, and `logits` [B, Q, K+1] (for panoptic post-processing).
+  """
 
   @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
-    return detections(model, model.apply(variables, images, train=False), orig_sizes)
+    outputs = model.apply(variables, images, train=False)
+    det = detections(model, outputs, orig_sizes)
+    if model.masks:
+      det["masks"] = jnp.take_along_axis(
+        outputs["pred_masks"], det["queries"][:, :, None, None], axis=1
+      )
+      det["logits"] = outputs["pred_logits"]
+    return det
 
   return predict
+
+
+def instance_masks(mask_logits, size, orig_size):
+  """Binary masks at an image's original size, as the reference's `PostProcessSegm`.
+
+  The reference upsamples the mask logits bilinearly (align_corners False) to the size the
+  model saw, thresholds sigmoid > 0.5, and resizes that to the original size with nearest
+  neighbours. The same pixels are computed here directly at the original size: each output
+  pixel's nearest source pixel at the model's size, interpolated from the logits.
+
+  Args:
+    mask_logits: [N, h, w] float. size: (H, W) of the model's input. orig_size: (H0, W0).
+
+  Returns:
+    bool [N, H0, W0].
+  """
+  x = np.asarray(mask_logits, np.float32)
+  rows = resize.nearest_index(size[0], orig_size[0])
+  cols = resize.nearest_index(size[1], orig_size[1])
+  y0, y1, wy0, wy1 = (t[rows] for t in resize.bilinear_taps(x.shape[1], size[0]))
+  x0, x1, wx0, wx1 = (t[cols] for t in resize.bilinear_taps(x.shape[2], size[1]))
+  out = np.empty((x.shape[0], int(orig_size[0]), int(orig_size[1])), bool)
+  for n in range(x.shape[0]):  # one mask at a time keeps the temporaries small
+    across = x[n][:, x0] * wx0 + x[n][:, x1] * wx1  # [h, W0]
+    out[n] = across[y0] * wy0[:, None] + across[y1] * wy1[:, None] > 0  # sigmoid > 0.5
+  return out
+
+
+def to_coco_segm_results(detections, image_ids, label_to_category_id, size, orig_sizes, mask):
+  """Instance-mask detections as COCO results: {image_id, category_id, segmentation (RLE,
+  counts as str), score}, one per detection, for pycocotools' `segm` evaluation.
+
+  Args:
+    detections: `make_predict_fn` output of a masks model (NumPy), with `masks` [B, N, h, w].
+    image_ids: [B]; label_to_category_id: [K]; size: (H, W) the model saw; orig_sizes:
+      [B, 2]; mask: [B] bool (False: batch padding).
+  """
+  from pycocotools import mask as mask_utils
+
+  cat_ids = np.asarray(label_to_category_id)
+  results = []
+  for b, image_id in enumerate(np.asarray(image_ids)):
+    if not mask[b]:
+      continue
+    binary = instance_masks(detections["masks"][b], size, orig_sizes[b])
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+    for q, rle in enumerate(rles):
+      results.append(
+        {
+          "image_id": int(image_id),
+          "category_id": int(cat_ids[detections["labels"][b, q]]),
+          "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+          "score": float(detections["scores"][b, q]),
+        }
+      )
+  return results
 
 
 def to_coco_results(detections, image_ids, label_to_category_id, mask=None):

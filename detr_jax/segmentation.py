@@ -38,9 +38,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detr_jax import conv as conv_lib
+from detr_jax import resize
 
 GN_EPS = 1e-5  # torch.nn.GroupNorm's default
 GN_GROUPS = 8  # the reference's GroupNorm(8, C)
@@ -76,32 +76,13 @@ def check_mask_head_sizes(hidden_dim, num_heads):
 # ---- Resizing with torch's index rules --------------------------------------------------------
 
 
-def _nearest_index(n_in, n_out):
-  """torch "nearest": source index floor(i * (n_in / n_out)) in float32, clamped."""
-  scale = np.float32(n_in) / np.float32(n_out)
-  idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(idx, n_in - 1)
-
-
 def resize_nearest(x, size):
   """x: [N, h, w, C] -> [N, H, W, C], `F.interpolate(mode="nearest", size=(H, W))` (NHWC)."""
   h, w = x.shape[1:3]
   if (h, w) == tuple(size):
     return x
-  x = jnp.take(x, _nearest_index(h, size[0]), axis=1)
-  return jnp.take(x, _nearest_index(w, size[1]), axis=2)
-
-
-def _linear_taps(n_in, n_out):
-  """torch "bilinear", align_corners=False, along one axis: (i0, i1, w0, w1) with
-  src = max((i + 0.5) * n_in / n_out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1, n_in - 1)."""
-  scale = np.float32(n_in) / np.float32(n_out)
-  src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - 0.5, 0)
-  src = src.astype(np.float32)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  w1 = (src - i0).astype(np.float32)
-  return i0, i1, (1 - w1).astype(np.float32), w1
+  x = jnp.take(x, resize.nearest_index(h, size[0]), axis=1)
+  return jnp.take(x, resize.nearest_index(w, size[1]), axis=2)
 
 
 def resize_bilinear(x, size):
@@ -111,9 +92,9 @@ def resize_bilinear(x, size):
   h, w = x.shape[-2:]
   if (h, w) == tuple(size):
     return x
-  i0, i1, w0, w1 = _linear_taps(h, size[0])
+  i0, i1, w0, w1 = resize.bilinear_taps(h, size[0])
   x = jnp.take(x, i0, axis=-2) * w0[:, None] + jnp.take(x, i1, axis=-2) * w1[:, None]
-  i0, i1, w0, w1 = _linear_taps(w, size[1])
+  i0, i1, w0, w1 = resize.bilinear_taps(w, size[1])
   return jnp.take(x, i0, axis=-1) * w0 + jnp.take(x, i1, axis=-1) * w1
 
 

@@ -64,3 +64,21 @@ def test_sigmoid_postprocess_keeps_the_top_query_class_pairs_with_their_query_bo
   }
   results = postprocess.to_coco_results(det, [3, 4], np.array([7, 11, 42]))
   assert len(results) == 36 and {r["category_id"] for r in results} == {7, 11, 42}
+
+
+@pytest.mark.parametrize("orig_size", [(37, 53), (64, 48), (200, 150)])
+def test_instance_masks_are_the_references_postprocess_segm(orig_size):
+  """`instance_masks` against the reference's PostProcessSegm in torch: bilinear upsample to
+  the model's size, sigmoid > 0.5, nearest resize to the original size."""
+  import torch
+  import torch.nn.functional as F
+
+  size = (64, 96)
+  logits = np.random.default_rng(1).normal(size=(5, 16, 24)).astype(np.float32)
+  up = F.interpolate(torch.from_numpy(logits)[None], size=size, mode="bilinear")
+  binary = (up.sigmoid() > 0.5).float()
+  ref = F.interpolate(binary, size=orig_size, mode="nearest")[0].numpy().astype(bool)
+  got = postprocess.instance_masks(logits, size, orig_size)
+  assert got.shape == ref.shape == (5, *orig_size)
+  np.testing.assert_array_equal(got, ref)
+  assert 0.2 < got.mean() < 0.8
