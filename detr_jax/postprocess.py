@@ -82,24 +82,24 @@ def detections(model, outputs, orig_sizes):
 
 def make_predict_fn(model):
   """The jitted inference of evaluation, prediction and the benchmarks: (variables, images
-  [B, H, W, 3], orig_sizes [B, 2]) -> `detections`.
-
-  A masks model (`model.masks`) also returns `masks` [B, N, h, w] float32, the mask logits of
-  each detection's query, and `logits` [B, Q, K+1] (for panoptic post-processing).
-  """
+  [B, H, W, 3], orig_sizes [B, 2]) -> `predictions` (with a masks model's mask logits)."""
 
   @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
-    outputs = model.apply(variables, images, train=False)
-    det = detections(model, outputs, orig_sizes)
-    if model.masks:
-      det["masks"] = jnp.take_along_axis(
-        outputs["pred_masks"], det["queries"][:, :, None, None], axis=1
-      )
-      det["logits"] = outputs["pred_logits"]
-    return det
+    return predictions(model, model.apply(variables, images, train=False), orig_sizes)
 
   return predict
+
+
+def predictions(model, outputs, orig_sizes):
+  """`detections`, plus for a masks model `masks` [B, N, h, w] (each detection's mask
+  logits) and `logits` [B, Q, C] (the class logits, for panoptic post-processing)."""
+  det = detections(model, outputs, orig_sizes)
+  if model.masks:
+    queries = det["queries"][:, :, None, None]
+    det["masks"] = jnp.take_along_axis(outputs["pred_masks"], queries, axis=1)
+    det["logits"] = outputs["pred_logits"]
+  return det
 
 
 def instance_masks(mask_logits, size, orig_size):

@@ -9,6 +9,17 @@ every image in fixed-size batches (the last one padded), and writes into `output
   attention/STEM.png,.npz  (with `attention`) panels of the top detections' attention maps
                            (`detr_jax.attention_maps`) and the maps over the feature grid.
 
+A masks model (`config.model.masks`) also gives, on data with stuff classes (COCO panoptic):
+  panoptic/STEM.png        the COCO panoptic PNG (segment id = R + 256 G + 256^2 B) of the
+                           reference's panoptic post-processing, at the original size;
+  panoptic.json            its COCO panoptic annotations ({image_id, file_name,
+                           segments_info}) and categories;
+  and images/STEM.png shows the segments coloured. Otherwise (instance segmentation):
+  masks/STEM.npz           the detections' masks at the original size (bool [n, H, W]) with
+                           their scores, labels and boxes;
+  each detection in detections.json carries its mask as a COCO RLE (`segmentation`), and
+  images/STEM.png shows the masks under the boxes.
+
 Images are decoded and preprocessed by the eval split's own functions
 (`input_pipeline.load_image`, `input_pipeline.preprocess_eval_image`: bilinear resize of the
 whole image to `config.image_size`, ImageNet normalization), and boxes are mapped back to
@@ -33,6 +44,7 @@ from detr_jax import (
   backbone,
   checkpoint,
   files,
+  panoptic,
   postprocess,
   runtime,
   sharding,
@@ -42,6 +54,9 @@ from detr_jax import (
 DETECTIONS_FILE = "detections.json"
 IMAGES_DIR = "images"
 ATTENTION_DIR = "attention"
+MASKS_DIR = "masks"
+PANOPTIC_DIR = "panoptic"
+PANOPTIC_FILE = "panoptic.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +149,7 @@ def _batches(paths, image_size, batch_size, pool, skipped):
 # Model.
 # ---------------------------------------------------------------------------------------------
 def make_predict_fn(model, grid=None, num_attention=0):
-  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess.detections`,
+  """jit: (variables, images [B, H, W, 3], orig_sizes [B, 2]) -> `postprocess.predictions`,
   plus with `num_attention` > 0 the `attention_maps.select_maps` of that many top detections
   over the feature `grid` (h, w)."""
   if not num_attention:
@@ -143,7 +158,7 @@ def make_predict_fn(model, grid=None, num_attention=0):
   @functools.partial(jax.jit, compiler_options=runtime.compiler_options())
   def predict(variables, images, orig_sizes):
     out, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-    det = postprocess.detections(model, out, orig_sizes)
+    det = postprocess.predictions(model, out, orig_sizes)
     maps = attention_maps.select_maps(
       state["intermediates"], det["scores"], out["pred_boxes"], det["queries"], grid, num_attention
     )
@@ -239,13 +254,14 @@ def predict_files(
   if batch_size % n_dev:
     batch_size += n_dev - batch_size % n_dev
     logging.info("Batch size rounded up to %d, a multiple of the %d devices", batch_size, n_dev)
+  mode = _mask_mode(config, labels)
   paths = list_images(patterns)
   ids = image_ids(paths)
-  names = _prepare_output_dir(output_dir, paths, ids, attention)
+  names = _prepare_output_dir(output_dir, paths, ids, attention, mode)
   logging.info("Predicting %d images with %s step %d", len(paths), workdir, step)
 
   # ---- Batches -------------------------------------------------------------------------
-  results, skipped, writes = [], [], collections.deque()
+  results, skipped, writes, panoptic_annotations = [], [], collections.deque(), []
   progress = _Progress(len(paths))
   data_sharding = sharding.data_sharding(mesh)
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -259,13 +275,17 @@ def predict_files(
       maps = det.pop("attention", None)
       batch_ids = np.array([ids[i] for i, _, _ in batch] + [0] * (batch_size - len(batch)))
       mask = np.arange(batch_size) < len(batch)
-      results += [
-        r
-        for r in postprocess.to_coco_results(det, batch_ids, labels.label_to_category_id, mask)
-        if r["score"] >= score_threshold
-      ]
+      batch_results = postprocess.to_coco_results(det, batch_ids, labels.label_to_category_id, mask)
+      n = det["scores"].shape[1]
       for b, (i, original, _) in enumerate(batch):
-        drawing = (original, det, b, labels.class_names, score_threshold)
+        keep = np.flatnonzero(det["scores"][b] >= score_threshold)
+        kept = [batch_results[b * n + q] for q in keep]
+        picture, annotation = _mask_outputs(
+          mode, output_dir, names[i], ids[i], original, det, b, keep, kept, labels, image_size
+        )
+        results += kept
+        panoptic_annotations += [annotation] if annotation else []
+        drawing = (picture, det, b, labels.class_names, score_threshold)
         writes.append(pool.submit(_save_drawing, output_dir, names[i], *drawing))
         if maps is not None:
           panel = (original, det, b, maps, score_threshold, labels.class_names)
@@ -278,6 +298,11 @@ def predict_files(
 
   # ---- Detections JSON -----------------------------------------------------------------
   _write_detections(output_dir, results, paths, ids, labels)
+  if mode == "panoptic":
+    files.write_json(
+      os.path.join(output_dir, PANOPTIC_FILE),
+      {"annotations": panoptic_annotations, "categories": labels.panoptic_categories()},
+    )
   logging.info(
     "Wrote %d detections of %d images to %s; skipped %d unreadable file(s)%s",
     len(results),
@@ -294,12 +319,76 @@ def predict_files(
   }
 
 
-def _prepare_output_dir(output_dir, paths, ids, attention):
+def _mask_mode(config, labels):
+  """What a model's masks become: None (a box model), "panoptic" (a softmax masks model on
+  data with stuff classes) or "instance"."""
+  if not config.model.masks:
+    return None
+  stuff = [n for n, t in zip(labels.class_names, labels.is_thing) if not t and n != "N/A"]
+  return "panoptic" if stuff and config.model.classifier == "softmax" else "instance"
+
+
+def _mask_outputs(mode, output_dir, name, image_id, image, det, b, keep, kept, labels, size):
+  """The mask outputs of image `b` of a batch (see the module docstring): writes its masks or
+  panoptic PNG, adds the masks of detections `keep` to their results `kept`; returns (the
+  picture to draw the boxes on, its COCO panoptic annotation or None). `size`: the model's
+  input size."""
+  if mode == "instance":
+    binary = _instance_masks(output_dir, name, det, b, size, image.shape)
+    for r, q in zip(kept, keep):
+      r["segmentation"] = _rle(binary[q])
+    order = keep[np.argsort(det["scores"][b][keep])]  # the best drawn last, on top
+    return visualize.draw_masks(image, binary[order], det["labels"][b][order]), None
+  if mode == "panoptic":
+    ann, ids = _panoptic(output_dir, name, image_id, det, b, size, image.shape, labels)
+    label_of = {int(c): k for k, c in enumerate(labels.label_to_category_id)}
+    return visualize.draw_panoptic(image, ids, ann["segments_info"], label_of), ann
+  return image, None
+
+
+def _instance_masks(output_dir, name, det, b, image_size, shape):
+  """masks/STEM.npz of image `b`: its detections' masks at the original size, sorted by
+  score like the detections, with their scores, labels and boxes; returns the masks."""
+  binary = postprocess.instance_masks(det["masks"][b], image_size, shape[:2])
+  stem = os.path.splitext(name)[0]
+  path = os.path.join(output_dir, MASKS_DIR, stem + ".npz")
+  arrays = dict(
+    masks=binary, scores=det["scores"][b], labels=det["labels"][b], boxes=det["boxes"][b]
+  )
+  files.write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
+  return binary
+
+
+def _rle(mask):
+  """A bool [H, W] mask as COCO RLE with the counts as a string."""
+  from pycocotools import mask as mask_utils
+
+  rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+  return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def _panoptic(output_dir, name, image_id, det, b, image_size, shape, labels):
+  """panoptic/STEM.png of image `b` (the reference's panoptic post-processing); returns its
+  COCO panoptic annotation and the id map."""
+  ids, segments = panoptic.postprocess_panoptic(
+    det["logits"][b],
+    det["masks"][b],
+    image_size,
+    shape[:2],
+    labels.is_thing,
+    labels.label_to_category_id,
+  )
+  panoptic.write_panoptic_png(os.path.join(output_dir, PANOPTIC_DIR, name), ids)
+  return {"image_id": int(image_id), "file_name": name, "segments_info": segments}, ids
+
+
+def _prepare_output_dir(output_dir, paths, ids, attention, mask_mode):
   """Creates the output folders; returns the PNG name of each input. Refuses to write over
   an input image."""
   names = _output_names(paths, ids)
   inputs = {os.path.realpath(p) for p in paths}
-  for sub in [IMAGES_DIR] + ([ATTENTION_DIR] if attention else []):
+  subs = {None: [], "instance": [MASKS_DIR], "panoptic": [PANOPTIC_DIR]}[mask_mode]
+  for sub in [IMAGES_DIR] + ([ATTENTION_DIR] if attention else []) + subs:
     os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
   for name in names:
     if os.path.realpath(os.path.join(output_dir, IMAGES_DIR, name)) in inputs:

@@ -58,3 +58,33 @@ def draw_detections(image, boxes, labels, scores, class_names, score_threshold=0
     draw.rectangle([x0, ty, x0 + tw + 4, ty + 11], fill=color)
     draw.text((x0 + 2, ty), text, fill=(0, 0, 0))
   return np.asarray(canvas)
+
+
+def draw_masks(image, masks, labels, alpha=0.5):
+  """Blends each mask in its class colour over the image.
+
+  Args:
+    image: uint8 [H, W, 3]. masks: bool [N, H, W], later ones drawn over earlier ones.
+    labels: [N] ints (the colours of `label_color`).
+
+  Returns:
+    uint8 [H, W, 3].
+  """
+  out = np.asarray(image, np.float32).copy()
+  for mask, label in zip(masks, labels):
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(label_color(label), np.float32)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def draw_panoptic(image, ids, segments_info, label_of_category, alpha=0.6):
+  """Colours each segment of a panoptic id map [H, W] over `image` (uint8 [H, W, 3]): stuff
+  in its class colour, things one colour per instance (the class colour's palette entry
+  shifted by the segment's index); VOID (ids not in `segments_info`) untouched.
+  `label_of_category`: {category id: label}."""
+  masks, labels = [], []
+  for k, segment in enumerate(segments_info):
+    masks.append(ids == segment["id"])
+    labels.append(label_of_category[segment["category_id"]] + (k if segment["isthing"] else 0))
+  if not masks:
+    return np.asarray(image, np.uint8)
+  return draw_masks(image, np.stack(masks), labels, alpha)

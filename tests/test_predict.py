@@ -264,3 +264,89 @@ def test_list_images_and_ids(tmp_path):
   assert prediction.image_ids(["a.jpg", "7.png"]) == [1, 2]
   with pytest.raises(FileNotFoundError, match="nothing"):
     prediction.list_images([str(tmp_path / "nothing*.jpg")])
+
+
+def test_predict_with_a_masks_model_writes_instance_masks_and_panoptic_pngs(tmp_path):
+  """A masks model on image files: instance mode (masks/STEM.npz, RLEs in detections.json,
+  masks drawn) and, on data with stuff classes, panoptic mode (panoptic/STEM.png +
+  panoptic.json as the reference's panoptic post-processing gives them)."""
+  from pycocotools import mask as mask_utils
+
+  from detr_jax import checkpoint, models, panoptic, postprocess
+
+  config = tiny.get_config("masks")
+  config_utils.apply_overrides(
+    config,
+    [
+      "model.hidden_dim=32",
+      "model.num_heads=8",
+      "model.dim_feedforward=32",
+      "model.num_encoder_layers=1",
+      "model.num_decoder_layers=1",
+      "model.num_queries=6",
+      "model.conv='xla'",
+      "image_size=(64,64)",
+    ],
+  )
+  model = models.build_model(config.model)
+  variables = jax.jit(lambda r: models.init_variables(model, r, (64, 64)))(jax.random.key(0))
+  variables = jax.tree.map(np.array, variables)
+  # Confident queries of class 0 (a thing) or 3 (stuff in the panoptic label space).
+  head = variables["params"]["class_embed"]
+  u = np.random.default_rng(0).normal(size=32).astype(np.float32)
+  head["kernel"][:] = 0.0
+  head["kernel"][:, 0], head["kernel"][:, 3] = 10 * u, -10 * u
+  head["bias"][:] = -20.0
+  head["bias"][0] = head["bias"][3] = 0.0
+  images = tmp_path / "images"
+  images.mkdir()
+  for i, ex in enumerate(synthetic.generate_split(config.data, "eval")[:2], start=1):
+    (images / f"{i}.jpg").write_bytes(ex["jpeg"])
+
+  # Instance segmentation (the synthetic classes are all things).
+  workdir = str(tmp_path / "instance")
+  checkpoint.write_variables(workdir, variables, config)
+  out = tmp_path / "instance_out"
+  summary = prediction.predict_files(workdir, [str(images)], str(out), score_threshold=0.3)
+  assert summary["num_images"] == 2
+  dets = json.load(open(out / "detections.json"))
+  assert dets and all("segmentation" in d for d in dets)
+  saved = np.load(out / "masks" / "1.npz")
+  assert saved["masks"].shape == (6, 256, 256) and saved["masks"].dtype == bool
+  first = [d for d in dets if d["image_id"] == 1]
+  best = int(np.argmax(saved["scores"]))
+  top = max(first, key=lambda d: d["score"])
+  assert top["score"] == pytest.approx(float(saved["scores"][best]))
+  np.testing.assert_array_equal(mask_utils.decode(top["segmentation"]), saved["masks"][best])
+  assert os.path.exists(out / "images" / "1.png")
+
+  # Panoptic: the same weights on a 4-category panoptic label space (class 3 is stuff).
+  categories = [
+    {"id": c, "name": n, "isthing": int(c != 4)}
+    for c, n in enumerate(["rectangle", "ellipse", "triangle", "sky"], start=1)
+  ]
+  pan_json = tmp_path / "panoptic.json"
+  pan_json.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+  config.data.name = "coco_panoptic_folder"
+  config.data.coco_category_ids_as_labels = False
+  config.data.eval_annotations = str(pan_json)
+  workdir = str(tmp_path / "panoptic_model")
+  checkpoint.write_variables(workdir, variables, config)
+  out = tmp_path / "panoptic_out"
+  prediction.predict_files(workdir, [str(images)], str(out))
+  written = json.load(open(out / "panoptic.json"))
+  assert [c["id"] for c in written["categories"]] == [1, 2, 3, 4]
+  (ann,) = [a for a in written["annotations"] if a["image_id"] == 1]
+  ids = panoptic.read_panoptic_png(str(out / "panoptic" / ann["file_name"]))
+  # The same post-processing straight from the model's outputs.
+  image = np.asarray(Image.open(images / "1.jpg").convert("RGB"))
+  pre = prediction.input_pipeline.preprocess_eval_image(image, (64, 64))
+  det = jax.device_get(
+    postprocess.make_predict_fn(model)(variables, pre[None], np.array([[256, 256]]))
+  )
+  expected, segments = panoptic.postprocess_panoptic(
+    det["logits"][0], det["masks"][0], (64, 64), (256, 256), [True, True, True, False], [1, 2, 3, 4]
+  )
+  assert segments
+  assert ann["segments_info"] == segments
+  np.testing.assert_array_equal(ids, expected)
