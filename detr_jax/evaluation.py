@@ -14,7 +14,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import input_pipeline
-from detr_jax import checkpoint, files, metrics, postprocess, runtime, sharding, visualize
+from detr_jax import (
+  checkpoint,
+  files,
+  metrics,
+  postprocess,
+  progress,
+  runtime,
+  sharding,
+  visualize,
+)
 
 
 def _to_host(tree):
@@ -28,12 +37,16 @@ def _to_host(tree):
 # start barrier of each has the same name everywhere.
 _EVAL_RUNS = itertools.count()
 
+# An evaluation longer than this logs its progress (images done / total, rate) this often.
+PROGRESS_EVERY_SECONDS = 30
+
 
 def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0):
   """Runs the model over the eval split and scores it.
 
   A multi-process run compiles `predict_fn` and lines the processes up at a barrier before
-  the first gather of detections (see `runtime.compile_then_sync`).
+  the first gather of detections (see `runtime.compile_then_sync`). Progress (images done /
+  total, images/s) is logged every `PROGRESS_EVERY_SECONDS`.
 
   Returns:
     (metrics dict: COCO_METRIC_NAMES, `VOC_mAP50` for VOC, and `num_images`; COCO results
@@ -47,6 +60,8 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0)
   batches = input_pipeline.create_eval_iterator(
     config.data, image_size=image_size, global_batch_size=config.eval_batch_size
   )
+  logging.info("Evaluating %d images", info.num_eval_examples)
+  rate = progress.RateLog("eval", info.num_eval_examples, "images", PROGRESS_EVERY_SECONDS)
   for i, batch in enumerate(batches):
     gb = sharding.global_batch(
       {k: batch[k] for k in ("image", "orig_size", "image_id", "mask")}, mesh
@@ -59,6 +74,7 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0)
     det = predict_fn(variables, gb["image"], gb["orig_size"])
     det, ids, mask, sizes = _to_host((det, gb["image_id"], gb["mask"], gb["orig_size"]))
     num_images += int(mask.sum())
+    rate.update(num_images)
     results += postprocess.to_coco_results(det, ids, info.label_to_category_id, mask)
     if len(drawings) < num_images_to_draw:
       images = _to_host(gb["image"])
