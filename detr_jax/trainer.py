@@ -83,8 +83,11 @@ def schedule_lengths(config, num_train_examples):
 def train_and_evaluate(config, workdir):
   """Trains DETR per `config`, checkpointing and evaluating into `workdir`.
 
-  Resumes automatically from the latest checkpoint in `workdir`, including the data
-  position. Returns the last logged training metrics and the last evaluation metrics.
+  Resumes automatically from the newest checkpoint in `workdir` that can be read (damaged
+  newer ones are moved aside), including the data position; a workdir whose checkpoints hold
+  another model stops the run before anything is written (`checkpoint.check_resume_config`).
+  Logs through `progress.TrainLog` (console line, TensorBoard, `metrics.jsonl`). Returns the
+  last logged training metrics and the last evaluation metrics.
   """
   # ---- Config, mesh, data --------------------------------------------------------------
   validate_config(config, jax.device_count(), jax.process_count())
