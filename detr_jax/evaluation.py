@@ -14,7 +14,17 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import input_pipeline
-from detr_jax import checkpoint, files, metrics, panoptic, postprocess, runtime, sharding, visualize
+from detr_jax import (
+  checkpoint,
+  files,
+  metrics,
+  panoptic,
+  postprocess,
+  progress,
+  runtime,
+  sharding,
+  visualize,
+)
 
 
 def _to_host(tree):
@@ -27,6 +37,9 @@ def _to_host(tree):
 # Numbers the evaluations of this process: every process runs the same ones, in order, so the
 # start barrier of each has the same name everywhere.
 _EVAL_RUNS = itertools.count()
+
+# An evaluation longer than this logs its progress (images done / total, rate) this often.
+PROGRESS_EVERY_SECONDS = 30
 
 
 class _MaskScores:
@@ -98,10 +111,11 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0,
   """Runs the model over the eval split and scores it.
 
   A multi-process run compiles `predict_fn` and lines the processes up at a barrier before
-  the first gather of detections (see `runtime.compile_then_sync`). A masks model is also
-  scored on its instance masks (`segm_*` metrics) and, on panoptic data, its panoptic
-  segmentation (`PQ`, `SQ`, `RQ`, and `_th` / `_st` for things and stuff); with
-  `panoptic_dir` its panoptic PNGs and `predictions.json` (COCO panoptic format) go there.
+  the first gather of detections (see `runtime.compile_then_sync`). Progress (images done /
+  total, images/s) is logged every `PROGRESS_EVERY_SECONDS`. A masks model is also scored on
+  its instance masks (`segm_*` metrics) and, on panoptic data, its panoptic segmentation
+  (`PQ`, `SQ`, `RQ`, and `_th` / `_st` for things and stuff); with `panoptic_dir` its
+  panoptic PNGs and `predictions.json` (COCO panoptic format) go there.
 
   Returns:
     (metrics dict: COCO_METRIC_NAMES, `VOC_mAP50` for VOC, the mask metrics, and
@@ -115,6 +129,8 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0,
   batches = input_pipeline.create_eval_iterator(
     config.data, image_size=image_size, global_batch_size=config.eval_batch_size
   )
+  logging.info("Evaluating %d images", info.num_eval_examples)
+  rate = progress.RateLog("eval", info.num_eval_examples, "images", PROGRESS_EVERY_SECONDS)
   for i, batch in enumerate(batches):
     gb = sharding.global_batch(
       {k: batch[k] for k in ("image", "orig_size", "image_id", "mask")}, mesh
@@ -127,6 +143,7 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0,
     det = predict_fn(variables, gb["image"], gb["orig_size"])
     det, ids, mask, sizes = _to_host((det, gb["image_id"], gb["mask"], gb["orig_size"]))
     num_images += int(mask.sum())
+    rate.update(num_images)
     results += postprocess.to_coco_results(det, ids, info.label_to_category_id, mask)
     if mask_scores is not None:
       mask_scores.add(det, ids, mask, sizes)

@@ -22,3 +22,18 @@ def write_atomic(path, write):
 def write_json(path, obj, **dump_kwargs):
   """`obj` as JSON at `path`, atomically (`json.dumps` keyword arguments pass through)."""
   write_atomic(path, lambda f: f.write(json.dumps(obj, **dump_kwargs).encode()))
+
+
+def append_line(path, line):
+  """Appends `line` and a newline to the text file `path`, flushed.
+
+  A line cut short by a kill is ended first, so it spoils only itself: readers skip lines that
+  do not parse.
+  """
+  with open(path, "ab+") as f:
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+    f.write(line.encode() + b"\n")
+    f.flush()

@@ -11,6 +11,7 @@
 `compile_then_sync` lines the processes of a multi-host run up after compiling a step.
 """
 
+import errno
 import functools
 import logging as std_logging
 import sys
@@ -45,10 +46,19 @@ def start(coordinator_address=None, num_processes=None, process_id=None, *, tens
 
 
 def quiet_orbax_logging():
-  """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show)."""
-  logging.get_absl_handler().addFilter(
-    lambda r: "/orbax/" not in r.pathname or r.levelno >= std_logging.WARNING
-  )
+  """Keeps orbax's per-save INFO chatter out of the program's log (warnings still show), and
+  the tracebacks of its background threads' errors: their one-line message stays, and the
+  error reaches the program, which names the step and the cause (`checkpoint.Writer`)."""
+  logging.get_absl_handler().addFilter(_orbax_filter)
+
+
+def _orbax_filter(record):
+  if "/orbax/" not in record.pathname:
+    return True
+  if record.levelno < std_logging.WARNING:
+    return False
+  record.exc_info = record.exc_text = None
+  return True
 
 
 # XLA:CPU fuses a dot's element-wise consumers into its YNNPACK call with this (experimental)
@@ -80,27 +90,38 @@ class UserError(Exception):
 
 def main_with_user_errors(main, *error_types):
   """`main` for `absl.app.run`, ending with the message alone and exit status 1 on a
-  `UserError` or one of `error_types` (e.g. `input_pipeline.DatasetNotPrepared`)."""
+  `UserError` or one of `error_types` (e.g. `input_pipeline.DatasetNotPrepared`), and on a
+  full disk (an OSError with ENOSPC or EDQUOT, e.g. writing a log file)."""
 
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
     except (UserError, *error_types) as e:
-      logging.flush()
-      print(f"\nERROR: {e}", file=sys.stderr)
-      sys.exit(1)
+      message = str(e)
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      message = f"Out of disk space: {e}"
+    logging.flush()
+    print(f"\nERROR: {message}", file=sys.stderr)
+    sys.exit(1)
 
   return wrapped
 
 
 def sync_processes(name, timeout=3600):
   """Returns once every process of a multi-process run has called it with `name` (unique per
-  barrier); at once in a single-process run. `timeout` in seconds."""
+  barrier); at once in a single-process run. `timeout` in seconds.
+
+  A barrier of `jax.distributed`'s coordination service, not a collective: orbax's default
+  `sync_global_processes` is an all-gather, which on CPU is itself a gloo collective with
+  gloo's 30 s limit.
+  """
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost
 
-    multihost.sync_global_processes(f"detr_jax_{name}", timeout=timeout)
+    multihost.get_barrier_sync_fn()(key=f"detr_jax_{name}", timeout_ms=int(timeout * 1000))
 
 
 def check_same_on_all_processes(digest, what):
@@ -115,6 +136,16 @@ def check_same_on_all_processes(digest, what):
   differ = [i for i, d in enumerate(every) if d != every[0]]
   if differ:
     raise UserError(f"{what} differs between process 0 and processes {differ}")
+
+
+def all_processes_agree(flag):
+  """Whether `flag` is True on every process (at once in a single-process run)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+
+  every = multihost_utils.process_allgather(np.array([bool(flag)], np.int32))
+  return bool(np.asarray(every).all())
 
 
 def compile_then_sync(jitted, *args, name):

@@ -75,6 +75,9 @@ def fresh_state(model, tx, config, shardings, variables=None):
 def initial_state(config, model, tx, mesh, manager, first_images):
   """The state a run starts from, and its step.
 
+  Resumes from the newest checkpoint that can be read: newer damaged ones are logged and
+  moved to `WORKDIR/checkpoints_damaged` (`checkpoint.restore_newest`, `move_aside`).
+
   Args:
     config: the run's full config. model, tx: its model and optimizer.
     mesh: the device mesh. manager: the workdir's `CheckpointManager`.
@@ -86,9 +89,13 @@ def initial_state(config, model, tx, mesh, manager, first_images):
   """
   abstract = abstract_state(model, tx)
   shardings = state_shardings(abstract, mesh, config.fsdp)
-  step = manager.latest_step()
+  state, step, damaged = checkpoint.restore_newest(
+    manager, lambda s: restore_state(manager, s, abstract, shardings)
+  )
+  if damaged:
+    checkpoint.move_aside(manager, damaged)
   if step is not None:
-    return restore_state(manager, step, abstract, shardings), step
+    return state, step
   variables = None
   if config.init_from:
     random = random_variables(model, config, shardings["variables"])
@@ -154,10 +161,13 @@ def load_pretrained(init_from, initialized):
   fine-tuning (`convert.merge_pretrained`: a class head of another size stays `initialized`)."""
   pre_model = models.build_model(checkpoint.load_config(init_from).model)
   manager = checkpoint.create_manager(init_from, read_only=True)
-  step = manager.latest_step()
+  abstract = models.abstract_variables(pre_model)
+  pretrained, step, _ = checkpoint.restore_newest(
+    manager, lambda s: checkpoint.restore(manager, s, variables=abstract)["variables"]
+  )
+  manager.close()
   if step is None:
-    raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint")
-  pretrained = checkpoint.restore(manager, step, variables=models.abstract_variables(pre_model))
-  merged, reinit = convert.merge_pretrained(pretrained["variables"], initialized)
+    raise checkpoint.CheckpointNotFound(f"config.init_from={init_from!r} holds no checkpoint")
+  merged, reinit = convert.merge_pretrained(pretrained, initialized)
   logging.info("Initialized from %s step %d; re-initialized: %s", init_from, step, reinit)
   return merged

@@ -8,14 +8,12 @@ state (`train_state.initial_state`: fresh, resumed or pretrained) and the jitted
 import glob
 import os
 import signal
-import time
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 import input_pipeline
 from configs import base
@@ -24,6 +22,7 @@ from detr_jax import (
   checkpoint,
   evaluation,
   postprocess,
+  progress,
   runtime,
   sharding,
   train_state,
@@ -84,11 +83,16 @@ def schedule_lengths(config, num_train_examples):
 def train_and_evaluate(config, workdir):
   """Trains DETR per `config`, checkpointing and evaluating into `workdir`.
 
-  Resumes automatically from the latest checkpoint in `workdir`, including the data
-  position. Returns the last logged training metrics and the last evaluation metrics.
+  Resumes automatically from the newest checkpoint in `workdir` that can be read (damaged
+  newer ones are moved aside), including the data position; a workdir whose checkpoints hold
+  another model stops the run before anything is written (`checkpoint.check_resume_config`).
+  Logs through `progress.TrainLog` (console line, TensorBoard, `metrics.jsonl`). Returns the
+  last logged training metrics and the last evaluation metrics.
   """
   # ---- Config, mesh, data --------------------------------------------------------------
   validate_config(config, jax.device_count(), jax.process_count())
+  # A resume with another model stops here, before anything in the workdir changes.
+  changes = checkpoint.check_resume_config(workdir, config)
   input_pipeline.ensure_prepared(  # before anything is built: a missing dataset says so first
     config.data,
     is_coordinator=jax.process_index() == 0,
@@ -115,20 +119,24 @@ def train_and_evaluate(config, workdir):
 
   # ---- Model, optimizer, state, step ----------------------------------------------------
   model, tx, step_fn = train_step.from_config(config, mesh, steps_per_epoch)
+  # Orbax's manager starts with a collective, the run's first: line the processes up first
+  # (see runtime.compile_then_sync).
+  runtime.sync_processes("checkpoint_manager")
   manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
   first_images = lambda: sharding.global_batch(next(train_batches(0)), mesh)["image"]
   state, start_step = train_state.initial_state(config, model, tx, mesh, manager, first_images)
   step_fn = train_step.jit_step(step_fn, state, mesh)
   predict_fn = postprocess.make_predict_fn(model)
+  changes = changes if start_step > 0 else []
+  for name, saved, given in changes:
+    logging.info("Resuming at step %d with %s = %r (was %r)", start_step, name, given, saved)
   if jax.process_index() == 0:
-    checkpoint.save_config(workdir, config)
-  writer = metric_writers.create_default_writer(
-    workdir, just_logging=jax.process_index() != 0, asynchronous=True
-  )
+    checkpoint.record_config(workdir, config, start_step, changes)
+  writer = _metric_writer(workdir)
+  saver = checkpoint.Writer(manager)
 
   # ---- Loop -----------------------------------------------------------------------------
   batches = train_batches(start_step)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   logging.info(
     "Training steps %d..%d (%d per epoch) on %d devices",
     start_step,
@@ -138,8 +146,17 @@ def train_and_evaluate(config, workdir):
   )
   preempted = []
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  log = _TrainLog(writer, config.batch_size, start_step)
+  log = progress.TrainLog(
+    writer,
+    workdir,
+    batch_size=config.batch_size,
+    start_step=start_step,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+    eval_every_steps=config.eval_every_steps,
+  )
   eval_metrics = {}
+  failed = True
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(batches), mesh)
@@ -147,15 +164,13 @@ def train_and_evaluate(config, workdir):
         step_fn = runtime.compile_then_sync(step_fn, state, batch, name=f"train_step_{step}")
       state, metrics = step_fn(state, batch)
       log.add(metrics)
-      report(step)
       if step % config.log_every_steps == 0 or step == total_steps:
         _check_finite(state, manager, workdir)
         log.write(step)
       stop = bool(preempted) or (jax.process_count() > 1 and manager.reached_preemption(step))
       if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
         _check_finite(state, manager, workdir)
-        checkpoint.save(
-          manager,
+        saver.save(
           step,
           variables=state["variables"],
           opt_state=state["opt_state"],
@@ -168,15 +183,21 @@ def train_and_evaluate(config, workdir):
       if config.eval_every_steps > 0 and (
         step % config.eval_every_steps == 0 or step == total_steps
       ):
-        with report.timed("eval"):
+        with log.evaluation(step) as scores:
           eval_metrics = evaluation.evaluate_and_write(
             predict_fn, state["variables"], config, info, mesh, workdir, step, writer
           )
+          scores.update(eval_metrics)
+    failed = False
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
     signal.signal(signal.SIGTERM, previous_handler)
+    writer.flush()
+    try:
+      saver.close()
+    except Exception as e:
+      if not failed:
+        raise
+      logging.warning("While closing the checkpoints after the error: %s", e)
   return {"train": log.last, "eval": eval_metrics, "step": int(jax.device_get(state["step"]))}
 
 
@@ -190,25 +211,12 @@ def _check_finite(state, manager, workdir):
     )
 
 
-class _TrainLog:
-  """Collects each step's metrics and writes their means (and images/s) when asked."""
-
-  def __init__(self, writer, batch_size, step):
-    self._writer, self._batch_size = writer, batch_size
-    self._pending, self._since = [], (time.time(), step)
-    self.last = {}
-
-  def add(self, metrics):
-    self._pending.append(metrics)
-
-  def write(self, step):
-    host = jax.device_get(self._pending)
-    metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    now = time.time()
-    seconds = max(now - self._since[0], 1e-9)
-    metrics["images_per_sec"] = (step - self._since[1]) * self._batch_size / seconds
-    self._writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
-    self._pending, self._since, self.last = [], (now, step), metrics
+def _metric_writer(workdir):
+  """TensorBoard events in the workdir (process 0; the other processes write nothing). The
+  console gets `progress.TrainLog`'s line instead of every scalar."""
+  if jax.process_index() != 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
 
 
 def read_scalars(workdir, tag="train/loss"):

@@ -1,8 +1,29 @@
-"""Fixtures shared by the tests."""
+"""Fixtures shared by the tests, and the test session's persistent compilation cache.
 
+Every jitted program the suite compiles (in this process, and in the train.py / eval.py
+subprocesses, which inherit the environment) is stored in JAX's persistent cache, so a program
+compiled by one test loads in the next that builds the same one, and a second run of the suite
+loads them all. Set before JAX initializes (this file is imported before any test module).
+DETR_JAX_TEST_CACHE=DIR moves the cache; an empty value turns it off.
+"""
+
+import os
 import socket
+import tempfile
 
+import jax
 import pytest
+
+CACHE_DIR = os.environ.get(
+  "DETR_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "detr_jax_test_cache")
+)
+if CACHE_DIR:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture

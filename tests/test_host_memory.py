@@ -55,15 +55,20 @@ def _thp_always():
     return False
 
 
-def test_temporaries_stay_mapped():
-  result = _run(opt_out=False)
-  assert result["applied"] and not result["async"]
-  assert result["faults"] < 1000, result  # the 64 MiB matmul output alone is 16,384 pages
+# The matmul output alone is 64 MiB: 16,384 pages of 4 KiB, faulted in afresh on every call
+# when it is a fresh mmap.
+OUTPUT_PAGES = 8192 * 2048 * 4 // 4096
 
 
-def test_opt_out_keeps_defaults():
-  result = _run(opt_out=True)
-  assert not result["applied"] and result["async"]
-  if not _thp_always():
-    # glibc's default: the temporary is a fresh mmap on every call, faulted in page by page.
-    assert result["faults"] >= 4096, result
+def test_temporaries_stay_mapped_and_the_opt_out_keeps_defaults():
+  """The mechanism, measured in the same test: with the policy a call faults in a small
+  fraction of its temporaries' pages (the count depends on the machine, so the bound is a
+  quarter of the output's pages, not a figure seen on one box); without it (opted out)
+  JAX's and glibc's defaults stay, and the temporaries are faulted in again on every call."""
+  kept, default = _run(opt_out=False), _run(opt_out=True)
+  assert kept["applied"] and not kept["async"], kept
+  assert not default["applied"] and default["async"], default
+  assert kept["faults"] < OUTPUT_PAGES // 4, (kept, default)
+  if not _thp_always():  # with transparent huge pages "always" a fresh mmap faults 512x less
+    assert default["faults"] >= OUTPUT_PAGES // 4, default
+    assert kept["faults"] * 4 < default["faults"], (kept, default)

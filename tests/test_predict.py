@@ -20,7 +20,9 @@ from input_pipeline import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny DETR that trains a few steps in seconds; a non-square input gives a 2 x 3 grid.
+# A tiny DETR that trains a few steps in seconds; a non-square input gives a 2 x 3 grid. The
+# model, input and schedule fields are tests/test_train.py's, so the two files compile the
+# same training step and predict function once (the persistent cache of tests/conftest.py).
 OVERRIDES = {
   "model.backbone": "resnet18",
   "model.hidden_dim": 32,
@@ -32,7 +34,7 @@ OVERRIDES = {
   "image_size": (64, 96),
   "batch_size": 8,
   "eval_batch_size": 8,
-  "data.synthetic_num_train": 32,
+  "data.synthetic_num_train": 64,
   "data.synthetic_num_eval": 6,
   "data.synthetic_image_size": (64, 64),
   "data.max_boxes": 8,

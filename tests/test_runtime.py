@@ -1,8 +1,11 @@
 """detr_jax/runtime.py: the compile policy and the start-up."""
 
+import errno
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from detr_jax import conv, runtime
 
@@ -31,3 +34,22 @@ def test_compiler_options_keep_reductions_whole():
     .as_text()
   )
   assert "reduce-window" not in hlo
+
+
+def test_user_errors_and_a_full_disk_end_with_the_message_alone(capsys):
+  def main_raising(error):
+    def main(argv):
+      raise error
+
+    return runtime.main_with_user_errors(main)
+
+  for error, message in [
+    (runtime.UserError("Checkpoint step 6 cannot be read"), "Checkpoint step 6 cannot be read"),
+    (OSError(errno.ENOSPC, "No space left on device"), "Out of disk space: [Errno 28] No space"),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      main_raising(error)([])
+    assert e.value.code == 1
+    assert f"ERROR: {message}" in capsys.readouterr().err
+  with pytest.raises(PermissionError):  # any other error keeps its traceback
+    main_raising(PermissionError(errno.EACCES, "Permission denied"))([])
