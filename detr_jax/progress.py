@@ -62,21 +62,23 @@ def train_line(step, total_steps, epoch, metrics, images_per_sec, eta_seconds):
   Args:
     step, total_steps: steps done and the run's length. epoch: steps / steps per epoch.
     metrics: the step metrics' means: `loss`, `loss_ce`, `loss_bbox`, `loss_giou`,
-      `learning_rate`. images_per_sec: training throughput. eta_seconds: None if unknown.
+      `learning_rate` (and a masks model's `loss_mask`, `loss_dice`). images_per_sec:
+      training throughput. eta_seconds: None if unknown.
   """
   width = len(str(total_steps))
   eta = "?" if eta_seconds is None else format_duration(eta_seconds)
   m = metrics
+  masks = f" mask {m['loss_mask']:4.2f} dice {m['loss_dice']:4.2f}" if "loss_mask" in m else ""
   return (
     f"step {step:>{width}}/{total_steps} ep {epoch:5.1f} | loss {m['loss']:5.2f} "
-    f"(ce {m['loss_ce']:4.2f} l1 {m['loss_bbox']:4.2f} giou {m['loss_giou']:4.2f}) | "
+    f"(ce {m['loss_ce']:4.2f} l1 {m['loss_bbox']:4.2f} giou {m['loss_giou']:4.2f}{masks}) | "
     f"lr {_sci(m['learning_rate']):6} | {images_per_sec:5.1f} img/s | ETA {eta}"
   )
 
 
 def eval_line(step, scores, seconds):
   """The console line of an evaluation: the main COCO numbers, images and time."""
-  names = [n for n in ("AP", "AP50", "AP75", "VOC_mAP50") if n in scores]
+  names = [n for n in ("AP", "AP50", "AP75", "VOC_mAP50", "segm_AP", "PQ") if n in scores]
   values = " ".join(f"{n} {scores[n]:.3f}" for n in names)
   return (
     f"eval step {step} | {values} | {scores.get('num_images', 0)} images in "
