@@ -24,7 +24,7 @@ def make_ours(size, batch, dtype, conv_impl):
   config.dtype = dtype
   config.conv = conv_impl
   model = models.build_model(config)
-  variables = models.init_variables(model, jax.random.key(0), (size, size))
+  variables = models.init_variables(model, jax.random.key(0))
   predict = postprocess.make_predict_fn(model)  # what evaluation and predict.py run
 
   rng = np.random.default_rng(0)

@@ -654,7 +654,7 @@ def main(argv=None):
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(BODY)}
   if is_backbone_only(state_dict):
     model = models.build_model(config.model)
-    variables = models.init_variables(model, jax.random.key(config.seed), tuple(config.image_size))
+    variables = models.init_variables(model, jax.random.key(config.seed))
     variables = torchvision_resnet_to_flax(state_dict, variables, config.model)
     what = "backbone"
   else:

@@ -264,21 +264,25 @@ def build_model(model_config):
   )
 
 
-def init_variables(model, rng, image_size, batch_size=1):
-  """Variables `{"params", "batch_stats"}` for images of `image_size` (H, W)."""
-  images = jnp.zeros((batch_size, *image_size, 3), jnp.float32)
-  variables = model.init(rng, images, train=False)
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+def init_variables(model, rng):
+  """The model's initial variables `{"params", "batch_stats"}` from `rng` (jitted).
+
+  No variable depends on the image size (the position embedding is a constant of the feature
+  grid), so the model is initialized on the smallest valid image: the same values as at any
+  size, and one compiled program per model whatever the image size.
+  """
+  side = 2 * backbone_lib.output_stride(model.dilation)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, side, side, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+  return jax.jit(init)(rng)
 
 
 def abstract_variables(model):
-  """`init_variables`' pytree as `jax.ShapeDtypeStruct`s, computed without running anything.
-
-  The variables' shapes do not depend on the image size (the position embedding is a
-  constant of the feature grid), so the smallest valid size is used.
-  """
-  side = 2 * backbone_lib.output_stride(model.dilation)
-  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (side, side)))
+  """`init_variables`' pytree as `jax.ShapeDtypeStruct`s, computed without running anything."""
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
 
 
 def calibrate_batch_norm(model, variables, images):

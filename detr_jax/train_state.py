@@ -51,7 +51,7 @@ def state_shardings(abstract, mesh, fsdp):
 def random_variables(model, config, variable_shardings):
   """The model's random init from `config.seed`, created already sharded."""
   return jax.jit(
-    lambda r: models.init_variables(model, r, tuple(config.image_size)),
+    lambda r: models.init_variables(model, r),
     out_shardings=variable_shardings,
   )(jax.random.key(config.seed))
 

@@ -70,7 +70,7 @@ def test_torchvision_resnet_initializes_only_the_backbone():
   tv["bn1.num_batches_tracked"] = np.zeros((), np.float32)
   config = torch_detr.small_model_config(K)
   model = models.build_model(config)
-  shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), (64, 64)))
+  shapes = models.abstract_variables(model)
   variables = jax.tree.map(lambda a: np.full(a.shape, 0.5, a.dtype), shapes)
   out = convert.torchvision_resnet_to_flax(tv, variables, config)
   np.testing.assert_array_equal(
@@ -115,7 +115,7 @@ def test_finetuning_merge_keeps_everything_but_the_class_head():
   _, sd = _small()
   pretrained = convert.torch_to_flax(sd, torch_detr.small_model_config(K))
   config = torch_detr.small_model_config(3)
-  initialized = models.init_variables(models.build_model(config), jax.random.key(1), (64, 64))
+  initialized = models.init_variables(models.build_model(config), jax.random.key(1))
   merged, reinit = convert.merge_pretrained(pretrained, initialized)
   assert reinit == ["params/class_embed/bias", "params/class_embed/kernel"]
   assert merged["params"]["class_embed"]["kernel"].shape == (64, 4)
@@ -129,7 +129,7 @@ def test_finetuning_merge_keeps_everything_but_the_class_head():
   )
   other = torch_detr.small_model_config(K)
   other.num_queries = 5
-  wrong = models.init_variables(models.build_model(other), jax.random.key(1), (64, 64))
+  wrong = models.init_variables(models.build_model(other), jax.random.key(1))
   with pytest.raises(ValueError, match="query_embed"):
     convert.merge_pretrained(pretrained, wrong)
 
@@ -150,7 +150,7 @@ for name, path in job["files"].items():
   state_dict = convert.load_torch_checkpoint(path)
   if convert.is_backbone_only(state_dict):
     model = models.build_model(config)
-    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), (64, 64)))
+    shapes = models.abstract_variables(model)
     variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     variables = convert.torchvision_resnet_to_flax(state_dict, variables, config)
   else:
@@ -309,7 +309,7 @@ def test_layouts_are_detected_and_read_like_torch_load(layout_files):
 
 def test_seed_r50_names_map_to_all_458_reference_keys():
   model = models.build_model(base.get_model_config())
-  abstract = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), (64, 64)))
+  abstract = models.abstract_variables(model)
   keys = {
     convert.reference_key(collection, path)[0]
     for collection, tree in abstract.items()
@@ -366,8 +366,7 @@ def test_cli_detects_a_backbone_only_file(layout_files, imported_without_torch, 
     workdir = str(tmp_path / name)
     convert.main([files[name], "--config", config_file, "--workdir", workdir, *extra])
     model = models.build_model(checkpoint.load_config(workdir).model)
-    init = functools.partial(models.init_variables, model, image_size=(64, 96))
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = models.abstract_variables(model)
     manager = checkpoint.create_manager(workdir, read_only=True)
     restored[name] = checkpoint.restore(manager, 0, variables=abstract)["variables"]
     for collection in ("params", "batch_stats"):

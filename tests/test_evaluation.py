@@ -111,8 +111,7 @@ def test_masks_model_evaluation_scores_boxes_masks_and_panoptic(tmp_path):
     ],
   )
   model = models.build_model(config.model)
-  init = jax.jit(lambda rng: models.init_variables(model, rng, tuple(config.image_size)))
-  variables = init(jax.random.key(0))
+  variables = models.init_variables(model, jax.random.key(0))
   # A confident class head, so that some queries pass the panoptic score threshold.
   variables["params"]["class_embed"]["bias"] = (
     variables["params"]["class_embed"]["bias"].at[0].set(20.0)

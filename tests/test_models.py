@@ -148,7 +148,7 @@ def test_frozen_backbone_prefix_gets_no_gradient():
   config.num_encoder_layers = config.num_decoder_layers = 1
   config.num_queries = 4
   model = models.build_model(config)
-  variables = models.init_variables(model, jax.random.key(0), (64, 64))
+  variables = models.init_variables(model, jax.random.key(0))
   images = _images((1, 64, 64, 3))
 
   def f(params):
@@ -169,7 +169,7 @@ def test_pre_norm_and_remat_variants_run_and_remat_is_exact():
   config.num_queries = 4
   config.pre_norm = True
   model = models.build_model(config)
-  variables = models.init_variables(model, jax.random.key(0), (64, 64))
+  variables = models.init_variables(model, jax.random.key(0))
   assert "encoder_norm" in variables["params"]["transformer"]
   images = _images((2, 64, 64, 3))
   config.remat = True
@@ -192,7 +192,7 @@ def test_calibrate_batch_norm_uses_batch_statistics():
   config.hidden_dim, config.num_heads, config.dim_feedforward = 32, 2, 64
   config.num_encoder_layers = config.num_decoder_layers = 1
   model = models.build_model(config)
-  variables = models.init_variables(model, jax.random.key(0), (64, 64))
+  variables = models.init_variables(model, jax.random.key(0))
   images = _images((4, 64, 64, 3), seed=2)
   calibrated = models.calibrate_batch_norm(model, variables, images)
   jax.tree.map(np.testing.assert_array_equal, calibrated["params"], variables["params"])

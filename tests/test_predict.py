@@ -291,7 +291,7 @@ def test_predict_with_a_masks_model_writes_instance_masks_and_panoptic_pngs(tmp_
     ],
   )
   model = models.build_model(config.model)
-  variables = jax.jit(lambda r: models.init_variables(model, r, (64, 64)))(jax.random.key(0))
+  variables = models.init_variables(model, jax.random.key(0))
   variables = jax.tree.map(np.array, variables)
   # Confident queries of class 0 (a thing) or 3 (stuff in the panoptic label space).
   head = variables["params"]["class_embed"]
