@@ -45,8 +45,12 @@ def main():
     print(f"quickstart: {metrics}: AP50 {ap50:.3f}")
     if ap50 < 0.5:
       sys.exit(f"the quickstart ended at AP50 {ap50:.3f} < 0.5")
-    detections = os.path.join(tmp, "shapes_pred", "detections.json")
-    print(f"predict: {len(json.load(open(detections)))} detections")
+    output = predict[predict.index("--output") + 1].replace("/tmp/", f"{tmp}/")
+    detections = os.path.join(output, "detections.json")
+    count = len(json.load(open(detections)))
+    print(f"predict: {count} detections in {detections}")
+    if not count:
+      sys.exit(f"predict.py wrote no detections to {detections}")
 
 
 if __name__ == "__main__":

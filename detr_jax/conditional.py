@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from detr_jax import conv, transformer
+from detr_jax import transformer
 
 # Inverse sigmoid clamp of the original release and of transformers.
 INVERSE_SIGMOID_EPS = 1e-5
@@ -73,15 +73,8 @@ def sine_embedding(points, num_feats, temperature=10000.0):
 
 def _dense(features, fan_in, conv_name, dtype, name):
   """A linear layer initialized like the original (xavier-uniform matrix, torch's bias)."""
-  return nn.Dense(
-    features,
-    kernel_init=transformer._xavier,
-    bias_init=transformer._torch_bias_init(fan_in),
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    dot_general=conv.dot_general_for(conv_name),
-    name=name,
-  )
+  init = transformer._torch_bias_init(fan_in)
+  return transformer.dense(features, transformer._xavier, init, conv_name, dtype, name)
 
 
 class MLP(nn.Module):
@@ -117,16 +110,7 @@ class ProjectedAttention(nn.Module):
     out = transformer.multi_head_attention(
       self, q, k, v, self.dropout, self.implementation, self.dtype, deterministic
     )
-    out = out.reshape(*out.shape[:-2], -1)
-    return nn.Dense(
-      out.shape[-1],
-      kernel_init=transformer._xavier,
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      dot_general=conv.dot_general_for(self.conv),
-      name="out_proj",
-    )(out)
+    return transformer.out_projection(out, self.conv, self.dtype)
 
 
 class ConditionalDecoderLayer(nn.Module):

@@ -88,6 +88,30 @@ _HF_NORMS = {
 _HF_TRUNK = r"model\.backbone\.(?:conv_encoder\.)?model\."
 _HF_STAGE = _HF_TRUNK + r"encoder\.stages\.([0-3])\.layers\.(\d+)\."
 
+# Rules the transformers DETR and Conditional DETR layouts share: FFN and layer norms of each
+# encoder/decoder layer and the decoder's final norm; the projection, queries and heads.
+_HF_FFN_AND_NORMS = (
+  (
+    r"model\.(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)",
+    r"transformer.\1.layers.\2.linear\3.\4",
+  ),
+  (
+    r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+_layer_norm)\.(weight|bias)",
+    lambda m: (
+      f"transformer.{m[1]}.layers.{m[2]}.{_HF_NORMS[m[1]][m[3]]}.{m[4]}"
+      if m[3] in _HF_NORMS[m[1]]
+      else None
+    ),
+  ),
+  (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+)
+_HF_HEADS = (
+  (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
+  (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
+  (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
+  (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+)
+
 
 # The segmentation head (DETRsegm's `bbox_attention`, `mask_head`): reference names, which
 # transformers 4 used too, and transformers 5's module names.
@@ -199,23 +223,8 @@ LAYOUTS = {
         f"{'out_proj' if m[4] == 'o_proj' else m[4]}.{m[5]}"
       ),
     ),
-    (
-      r"model\.(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)",
-      r"transformer.\1.layers.\2.linear\3.\4",
-    ),
-    (
-      r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+_layer_norm)\.(weight|bias)",
-      lambda m: (
-        f"transformer.{m[1]}.layers.{m[2]}.{_HF_NORMS[m[1]][m[3]]}.{m[4]}"
-        if m[3] in _HF_NORMS[m[1]]
-        else None
-      ),
-    ),
-    (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
-    (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
-    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-    (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
-    (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+    *_HF_FFN_AND_NORMS,
+    *_HF_HEADS,
     *_HEAD_REFERENCE,
     *_HEAD_HF5,
   ],
@@ -255,24 +264,9 @@ LAYOUTS = {
       r"model\.decoder\.layers\.(\d+)\.(self_attn|encoder_attn)\.(\w+?)_proj\.(weight|bias)",
       _hf_conditional_proj,
     ),
-    (
-      r"model\.(encoder|decoder)\.layers\.(\d+)\.(?:mlp\.)?fc([12])\.(weight|bias)",
-      r"transformer.\1.layers.\2.linear\3.\4",
-    ),
-    (
-      r"model\.(encoder|decoder)\.layers\.(\d+)\.(\w+_layer_norm)\.(weight|bias)",
-      lambda m: (
-        f"transformer.{m[1]}.layers.{m[2]}.{_HF_NORMS[m[1]][m[3]]}.{m[4]}"
-        if m[3] in _HF_NORMS[m[1]]
-        else None
-      ),
-    ),
-    (r"model\.decoder\.layernorm\.(weight|bias)", r"transformer.decoder.norm.\1"),
+    *_HF_FFN_AND_NORMS,
     (rf"model\.decoder\.{_COND_MLPS}", r"transformer.decoder.\1.layers.\2.\3"),
-    (r"model\.input_projection\.(weight|bias)", r"input_proj.\1"),
-    (r"model\.query_position_embeddings\.weight", "query_embed.weight"),
-    (r"class_labels_classifier\.(weight|bias)", r"class_embed.\1"),
-    (r"bbox_predictor\.layers\.(\d+)\.(weight|bias)", r"bbox_embed.layers.\1.\2"),
+    *_HF_HEADS,
   ],
 }
 _NO_FIT = object()

@@ -143,6 +143,27 @@ def grouped_self_attention(attn, groups):
   return grouped
 
 
+def dense(features, kernel_init, bias_init, conv_impl, dtype, name):
+  """The transformer's linear layer: float32 parameters, `dtype` compute, and the
+  `dot_general` of `config.model.conv` (`conv.dot_general_for`)."""
+  return nn.Dense(
+    features,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    dot_general=conv.dot_general_for(conv_impl),
+    name=name,
+  )
+
+
+def out_projection(x, conv_impl, dtype):
+  """`out_proj` of an attention module: merges the heads of x [..., H, dv] and projects them
+  (xavier-uniform matrix, zero bias) -> [..., H * dv]."""
+  x = x.reshape(*x.shape[:-2], -1)
+  return dense(x.shape[-1], _xavier, nn.initializers.zeros, conv_impl, dtype, "out_proj")(x)
+
+
 class Attention(nn.Module):
   """Multi-head attention with separate q/k/v inputs, like torch's nn.MultiheadAttention.
 
@@ -171,15 +192,7 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
 
     def proj(x, name, kernel_init):
-      y = nn.Dense(
-        d,
-        kernel_init=kernel_init,
-        bias_init=nn.initializers.zeros,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        dot_general=conv.dot_general_for(self.conv),
-        name=name,
-      )(x)
+      y = dense(d, kernel_init, nn.initializers.zeros, self.conv, self.dtype, name)(x)
       return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
     q = proj(query, "q_proj", _xavier_packed_qkv)
@@ -188,16 +201,7 @@ class Attention(nn.Module):
     out = multi_head_attention(
       self, q, k, v, self.dropout, self.implementation, self.dtype, deterministic
     )
-    out = out.reshape(*out.shape[:-2], d)
-    return nn.Dense(
-      d,
-      kernel_init=_xavier,
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      dot_general=conv.dot_general_for(self.conv),
-      name="out_proj",
-    )(out)
+    return out_projection(out, self.conv, self.dtype)
 
 
 class FeedForward(nn.Module):
@@ -211,18 +215,12 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic):
     d = x.shape[-1]
-    dense = lambda n, fan_in, name: nn.Dense(
-      n,
-      kernel_init=_xavier,
-      bias_init=_torch_bias_init(fan_in),
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      dot_general=conv.dot_general_for(self.conv),
-      name=name,
+    linear = lambda n, fan_in, name: dense(
+      n, _xavier, _torch_bias_init(fan_in), self.conv, self.dtype, name
     )
-    y = nn.relu(dense(self.dim_feedforward, d, "linear1")(x))
+    y = nn.relu(linear(self.dim_feedforward, d, "linear1")(x))
     y = Dropout(self.dropout)(y, deterministic=deterministic)
-    return dense(d, self.dim_feedforward, "linear2")(y)
+    return linear(d, self.dim_feedforward, "linear2")(y)
 
 
 class EncoderLayer(nn.Module):

@@ -36,3 +36,13 @@ def no_network(monkeypatch):
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket.socket, "connect_ex", refuse)
   monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def fresh_sources():
+  """Data sources built anew in the test (the pipeline caches them per data config)."""
+  from input_pipeline import pipeline
+
+  pipeline._SOURCES.clear()
+  yield
+  pipeline._SOURCES.clear()

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
+from input_helpers import BACKGROUND, MEAN, PALETTE, STD
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
@@ -14,34 +15,7 @@ import input_pipeline
 from configs import base
 from input_pipeline import pipeline, synthetic
 
-MEAN = np.asarray([0.485, 0.456, 0.406]) * 255
-STD = np.asarray([0.229, 0.224, 0.225]) * 255
-# Distinct saturated colours (pairwise distance >= 127) on a dark grey background.
-PALETTE = np.asarray(
-  [
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 0, 255),
-    (255, 255, 0),
-    (255, 0, 255),
-    (0, 255, 255),
-    (255, 128, 0),
-    (128, 0, 255),
-    (0, 128, 255),
-    (255, 255, 255),
-    (128, 255, 0),
-    (255, 0, 128),
-  ],
-  np.float64,
-)
-BACKGROUND = (40, 40, 40)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_sources():
-  pipeline._SOURCES.clear()
-  yield
-  pipeline._SOURCES.clear()
+pytestmark = pytest.mark.usefixtures("fresh_sources")
 
 
 def synthetic_config(**overrides):

@@ -14,14 +14,9 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 from configs import base, coco_500ep, voc
-from input_pipeline import pipeline, sources
+from input_pipeline import sources
 
-
-@pytest.fixture(autouse=True)
-def _fresh_sources():
-  pipeline._SOURCES.clear()
-  yield
-  pipeline._SOURCES.clear()
+pytestmark = pytest.mark.usefixtures("fresh_sources")
 
 
 class DetrTinyVoc(tfds.core.GeneratorBasedBuilder):

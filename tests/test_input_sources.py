@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from input_helpers import MEAN, STD
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
 import input_pipeline
 from configs import base
-from input_pipeline import pipeline, sources
+from input_pipeline import sources
 
-MEAN = np.asarray([0.485, 0.456, 0.406]) * 255
-STD = np.asarray([0.229, 0.224, 0.225]) * 255
-
-
-@pytest.fixture(autouse=True)
-def _fresh_sources():
-  pipeline._SOURCES.clear()
-  yield
-  pipeline._SOURCES.clear()
+pytestmark = pytest.mark.usefixtures("fresh_sources")
 
 
 def data_config(**overrides):
