@@ -313,7 +313,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
   """
   import os
   import re
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec
@@ -348,7 +348,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 
 def test_sharded_is_shard_local_and_equal():
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "")
   proc = subprocess.run(
     [sys.executable, "-c", _SHARDED_SCRIPT],
     env=env,

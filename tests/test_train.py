@@ -57,7 +57,7 @@ def _run(workdir, overrides=None, devices=1, extra=(), wait=True, kill=None, **p
   args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(overrides or {})}.items()]
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
     JAX_PLATFORMS="cpu",
     TF_CPP_MIN_LOG_LEVEL="3",
   )
