@@ -8,8 +8,8 @@ DETR_JAX_TEST_CACHE=DIR moves the cache; an empty value turns it off.
 
 The suite also compiles with LLVM's optimization level 0 (`--xla_backend_optimization_level=0`
 in XLA_FLAGS, inherited by the subprocesses): the tests' programs are tiny, so compiling them
-costs more than running them, and level 0 compiles them faster (the numerics are XLA's
-graph passes, the same at every level; every check passes at both).
+costs more than running them, and level 0 compiles them faster (every check passes at both
+levels; see docs/benchmarks.md, "Test suite").
 DETR_JAX_TEST_FAST_COMPILE=0 compiles as users do.
 """
 
