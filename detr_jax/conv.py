@@ -20,6 +20,10 @@ gradient in memory before the kernel-gradient matmul, which costs more than the 
   convolution is XLA's, the fastest forward once `runtime.compiler_options()` fuses its
   epilogue.
 
+Whatever `impl`, on CPU a convolution whose input map has fewer positions than its kernel has
+taps (layer4 of a small image) is one im2col matmul: XLA would swap its operands into a form
+XLA:CPU runs as a naive loop (`_swapped_by_xla_cpu`).
+
 `impl="auto"` picks "matmul" on CPU and "xla" elsewhere. Tests compare every path with XLA's
 convolution and its autodiff gradients. On a 2-core CPU this took the DETR-R50 backbone's
 forward + backward at 512 x 512, batch 2, from 3.1 s to 0.9 s.
@@ -63,6 +67,8 @@ def conv2d(x, w, stride, dilation, impl, forward_only=False):
     [B, ceil(H / stride), ceil(W / stride), K] in the dtype of `x` and `w`.
   """
   k = w.shape[0]
+  if k > 1 and _swapped_by_xla_cpu(x, w):
+    return _im2col_conv(x, w, stride, dilation)
   if resolve(impl) == "xla" or forward_only:
     return _xla_conv(x, w, stride, dilation)
   if k == 1:
@@ -84,6 +90,39 @@ def _xla_conv(x, w, stride, dilation):
     rhs_dilation=(dilation, dilation),
     dimension_numbers=_DIMS,
   )
+
+
+def _swapped_by_xla_cpu(x, w):
+  """Whether XLA:CPU would run this convolution slowly: its algebraic simplifier swaps the
+  operands of a convolution whose input map has fewer positions than the kernel has taps
+  (H * W < k * k, e.g. layer4 of a ResNet on a 64 x 96 image: 2 x 3 against 3 x 3), and the
+  swapped convolution runs as a naive loop, 6-12x slower (docs/benchmarks.md, "Test suite")."""
+  return jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] < w.shape[0] * w.shape[1]
+
+
+def _windows(x, k, stride, dilation, out_hw):
+  """The k * k strided windows of the symmetrically padded `x` [B, H, W, C], one per kernel
+  tap (row-major), each [B, Ho, Wo, C] with (Ho, Wo) = `out_hw`."""
+  pad = dilation * (k // 2)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  b, c = x.shape[0], x.shape[-1]
+  ho, wo = out_hw
+  out = []
+  for i in range(k):
+    for j in range(k):
+      start = (0, i * dilation, j * dilation, 0)
+      limit = (b, start[1] + stride * (ho - 1) + 1, start[2] + stride * (wo - 1) + 1, c)
+      out.append(jax.lax.slice(xp, start, limit, (1, stride, stride, 1)))
+  return out
+
+
+def _im2col_conv(x, w, stride, dilation):
+  """The convolution as one matmul of the concatenated windows [B, Ho, Wo, k * k * C] with
+  the kernel [k * k * C, K]; for maps smaller than the kernel (`_swapped_by_xla_cpu`)."""
+  k, _, c, kout = w.shape
+  out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  patches = jnp.concatenate(_windows(x, k, stride, dilation, out_hw), axis=-1)
+  return matmul(patches, w.reshape(k * k * c, kout))
 
 
 def _dot_2d(a, b, contract):
@@ -190,20 +229,13 @@ def kernel_gradient(x, g, k, stride, dilation):
   are concatenated along channels into [B * Ho * Wo, k * C] and contracted with `g` over
   the first axis. (One matmul per row measured faster than one per tap or one for all taps.)
   """
-  pad = dilation * (k // 2)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  b, ho, wo, kout = g.shape
+  _, ho, wo, kout = g.shape
   c = x.shape[-1]
   g2 = g.reshape(-1, kout)
-
-  def window(i, j):
-    start = (0, i * dilation, j * dilation, 0)
-    limit = (b, start[1] + stride * (ho - 1) + 1, start[2] + stride * (wo - 1) + 1, c)
-    return jax.lax.slice(xp, start, limit, (1, stride, stride, 1))
-
+  windows = _windows(x, k, stride, dilation, (ho, wo))
   rows = []
   for i in range(k):
-    patches = jnp.concatenate([window(i, j) for j in range(k)], axis=-1).reshape(-1, k * c)
+    patches = jnp.concatenate(windows[i * k : (i + 1) * k], axis=-1).reshape(-1, k * c)
     rows.append(_dot_2d(patches, g2, (0, 0)).reshape(k, c, kout))
   return jnp.stack(rows)
 

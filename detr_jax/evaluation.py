@@ -107,7 +107,25 @@ class _MaskScores:
     return scores, tables
 
 
-def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0, panoptic_dir=""):
+def eval_batches(config):
+  """This host's eval batches for `config` (`input_pipeline.create_eval_iterator`): one full
+  pass each time it is iterated, so a training run builds its tf.data pipeline once."""
+  return input_pipeline.create_eval_iterator(
+    config.data, image_size=tuple(config.image_size), global_batch_size=config.eval_batch_size
+  )
+
+
+def evaluate(
+  predict_fn,
+  variables,
+  config,
+  info,
+  mesh,
+  *,
+  num_images_to_draw=0,
+  panoptic_dir="",
+  batches=None,
+):
   """Runs the model over the eval split and scores it.
 
   A multi-process run compiles `predict_fn` and lines the processes up at a barrier before
@@ -115,7 +133,8 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0,
   total, images/s) is logged every `PROGRESS_EVERY_SECONDS`. A masks model is also scored on
   its instance masks (`segm_*` metrics) and, on panoptic data, its panoptic segmentation
   (`PQ`, `SQ`, `RQ`, and `_th` / `_st` for things and stuff); with `panoptic_dir` its
-  panoptic PNGs and `predictions.json` (COCO panoptic format) go there.
+  panoptic PNGs and `predictions.json` (COCO panoptic format) go there. `batches`: the
+  `eval_batches(config)` to iterate (default: built here).
 
   Returns:
     (metrics dict: COCO_METRIC_NAMES, `VOC_mAP50` for VOC, the mask metrics, and
@@ -126,9 +145,7 @@ def evaluate(predict_fn, variables, config, info, mesh, *, num_images_to_draw=0,
   results, drawings = [], []
   num_images = 0
   image_size = tuple(config.image_size)
-  batches = input_pipeline.create_eval_iterator(
-    config.data, image_size=image_size, global_batch_size=config.eval_batch_size
-  )
+  batches = eval_batches(config) if batches is None else batches
   logging.info("Evaluating %d images", info.num_eval_examples)
   rate = progress.RateLog("eval", info.num_eval_examples, "images", PROGRESS_EVERY_SECONDS)
   for i, batch in enumerate(batches):
@@ -183,7 +200,9 @@ def write_results(workdir, step, scores, results):
     files.write_json(os.path.join(out_dir, f"step_{step}_{name}.json"), obj)
 
 
-def evaluate_and_write(predict_fn, variables, config, info, mesh, workdir, step, writer):
+def evaluate_and_write(
+  predict_fn, variables, config, info, mesh, workdir, step, writer, batches=None
+):
   """`evaluate` during training: logs the table, writes the scalars (and drawings) to
   `writer` and the JSON files of `write_results`. Returns the metrics."""
   scores, results, drawings, table = evaluate(
@@ -193,6 +212,7 @@ def evaluate_and_write(predict_fn, variables, config, info, mesh, workdir, step,
     info,
     mesh,
     num_images_to_draw=config.num_eval_images_to_draw,
+    batches=batches,
   )
   logging.info("Eval at step %d:\n%s", step, table)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})

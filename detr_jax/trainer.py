@@ -127,6 +127,7 @@ def train_and_evaluate(config, workdir):
   state, start_step = train_state.initial_state(config, model, tx, mesh, manager, first_images)
   step_fn = train_step.jit_step(step_fn, state, mesh)
   predict_fn = postprocess.make_predict_fn(model)
+  eval_batches = None  # built at the first evaluation, iterated again at every later one
   changes = changes if start_step > 0 else []
   for name, saved, given in changes:
     logging.info("Resuming at step %d with %s = %r (was %r)", start_step, name, given, saved)
@@ -184,8 +185,9 @@ def train_and_evaluate(config, workdir):
         step % config.eval_every_steps == 0 or step == total_steps
       ):
         with log.evaluation(step) as scores:
+          eval_batches = eval_batches or evaluation.eval_batches(config)
           eval_metrics = evaluation.evaluate_and_write(
-            predict_fn, state["variables"], config, info, mesh, workdir, step, writer
+            predict_fn, state["variables"], config, info, mesh, workdir, step, writer, eval_batches
           )
           scores.update(eval_metrics)
     failed = False

@@ -46,6 +46,29 @@ def test_matmul_path_matches_xla_values_and_gradients(k, stride, dilation, h, w)
   assert _rel_err(dw, dw_ref) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+@pytest.mark.parametrize(
+  "k, stride, dilation, h, w",
+  [(3, 1, 1, 2, 3), (3, 2, 1, 2, 2), (3, 1, 2, 1, 8), (7, 2, 1, 4, 6)],
+)
+def test_maps_smaller_than_the_kernel_are_one_matmul(impl, k, stride, dilation, h, w):
+  """XLA would swap such a convolution's operands (a naive loop on CPU): conv2d computes it by
+  im2col, with XLA's values and gradients, and no swapped convolution is compiled."""
+  kx, kw, kg = jax.random.split(jax.random.key(h * 10 + w), 3)
+  x = jax.random.normal(kx, (2, h, w, 5))
+  kernel = jax.random.normal(kw, (k, k, 5, 7))
+  assert conv._swapped_by_xla_cpu(x, kernel)
+  g = jax.random.normal(kg, conv._xla_conv(x, kernel, stride, dilation).shape)
+  y_ref, dx_ref, dw_ref = _xla_conv_and_grads(x, kernel, stride, dilation, g)
+  f = jax.jit(lambda x, w: conv.conv2d(x, w, stride, dilation, impl))
+  y, vjp = jax.vjp(f, x, kernel)
+  for got, ref in zip((y, *vjp(g)), (y_ref, dx_ref, dw_ref)):
+    assert got.shape == ref.shape and _rel_err(got, ref) < 1e-5
+  for forward_only in (False, True):
+    hlo = jax.jit(lambda x, w, f=forward_only: conv.conv2d(x, w, stride, dilation, impl, f))
+    assert "convolution(" not in hlo.lower(x, kernel).compile().as_text()
+
+
 def test_winograd_conv3x3_direct():
   x = jax.random.normal(jax.random.key(0), (3, 9, 4, 6))
   w = jax.random.normal(jax.random.key(1), (3, 3, 6, 2))

@@ -46,7 +46,7 @@ def plant(moment, n):
       die()
 
     def evaluate_and_die(*args):
-      if args[6] == n:  # (predict_fn, variables, config, info, mesh, workdir, step, writer)
+      if args[6] == n:  # (predict_fn, variables, config, info, mesh, workdir, step, ...)
         postprocess.to_coco_results = die_after_first_batch
       return evaluate_and_write(*args)
 
