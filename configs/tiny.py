@@ -18,11 +18,17 @@ benchmark (benchmarks/convergence.py):
   masks        segmentation: the reference's mask head trained with the box model on the
                synthetic shapes' exact masks (targets at the predictions' 1/4 resolution);
                evaluated on boxes, instance masks (pycocotools segm) and PQ.
+  masks_stage1 the reference's two stages instead: first the box model of `masks` alone
+  masks_stage2 (8 attention heads, as the mask head needs), then its head alone on the frozen
+               box model (`--config.init_from=STAGE1_WORKDIR`), learning rate 5e-4:
+                 python train.py --config configs/tiny.py:masks_stage1 --workdir /tmp/box
+                 python train.py --config configs/tiny.py:masks_stage2 --workdir /tmp/masks \
+                     --config.init_from=/tmp/box
 """
 
 from configs import base
 
-VARIANTS = ("conditional", "group", "harder", "masks")
+VARIANTS = ("conditional", "group", "harder", "masks", "masks_stage1", "masks_stage2")
 
 
 def get_config(arg=None):
@@ -74,8 +80,12 @@ def get_config(arg=None):
     config.data.update(synthetic_max_objects=10, synthetic_object_size=(0.08, 0.25))
     config.data.max_boxes = 16
     m.num_queries = 20
-  if "masks" in variants:
-    m.masks = True
+  if {"masks", "masks_stage1", "masks_stage2"} & set(variants):
     m.num_heads = 8  # the head's GroupNorm(8) needs hidden_dim + num_heads divisible by 8
+  if {"masks", "masks_stage2"} & set(variants):
+    m.masks = True
     config.data.masks = True
+  if "masks_stage2" in variants:
+    m.train_only_mask_head = True
+    config.learning_rate = 5e-4  # the head alone: PQ 0.573 vs 0.492 at step 1200 with 1e-4
   return config

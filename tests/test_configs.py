@@ -94,3 +94,16 @@ def test_tiny_variants_combine():
   assert (plain.model.decoder, plain.model.groups, plain.model.pre_norm) == ("detr", 1, True)
   with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['conditinal'\]"):
     config_utils.load_config_file(os.path.join(REPO, "configs/tiny.py:conditinal"))
+
+
+def test_tiny_mask_stages_share_the_box_model():
+  """Stage 2 (`init_from` stage 1) must build stage 1's box model plus the head; the joint
+  `masks` variant is the same model."""
+  stage1, stage2 = parse("configs/tiny.py:masks_stage1"), parse("configs/tiny.py:masks_stage2")
+  joint = parse("configs/tiny.py:masks")
+  head_fields = {"masks", "train_only_mask_head"}
+  box = lambda c: {k: v for k, v in c.model.to_dict().items() if k not in head_fields}
+  assert box(stage1) == box(stage2) == box(joint) and stage1.model.num_heads == 8
+  assert not stage1.model.masks and not stage1.data.masks
+  assert stage2.model.masks and stage2.model.train_only_mask_head and stage2.data.masks
+  assert joint.model.masks and not joint.model.train_only_mask_head
