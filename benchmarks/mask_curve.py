@@ -60,7 +60,7 @@ def main():
     box_config.checkpoint_every_steps = args.box_steps
     box_workdir = os.path.join(args.workdir, "box")
     trainer.train_and_evaluate(box_config, box_workdir)
-    ((_, t, box_ap50),) = timed_scalars(box_workdir, "eval/AP50")[-1:]
+    _, t, box_ap50 = timed_scalars(box_workdir, "eval/AP50")[-1]
     print(f"stage 1: box AP50 {box_ap50:.3f} at step {args.box_steps}, {(t - start) / 60:.1f} min")
     variant = "masks_stage2"
   config = tiny.get_config(variant)

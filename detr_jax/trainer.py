@@ -185,7 +185,8 @@ def train_and_evaluate(config, workdir):
         step % config.eval_every_steps == 0 or step == total_steps
       ):
         with log.evaluation(step) as scores:
-          eval_batches = eval_batches or evaluation.eval_batches(config)
+          if eval_batches is None:
+            eval_batches = evaluation.eval_batches(config)
           eval_metrics = evaluation.evaluate_and_write(
             predict_fn, state["variables"], config, info, mesh, workdir, step, writer, eval_batches
           )
